@@ -1,0 +1,61 @@
+"""Instance-level method patches that are always undone.
+
+The Accumulator changes what ``optimizer.step`` and friends do while its ``with`` block
+runs. It does so by shadowing the bound method with an attribute on the *instance*, so
+the class (and every other optimizer) is untouched, and restoring exactly what was there
+before: a previous instance attribute (LR schedulers install one on ``optimizer.step``)
+or nothing at all.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+_ABSENT = object()
+
+#: Attribute set on every replacement function, naming the object that installed it.
+OWNER_ATTRIBUTE = "_torch_accum_owner"
+
+
+def patch_owner(method: object) -> object | None:
+    """Return the object that patched ``method``, or None if it is not one of ours."""
+    return getattr(method, OWNER_ATTRIBUTE, None)
+
+
+class MethodPatches:
+    """A stack of instance attribute replacements, undone in reverse order."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[object, str, object]] = []
+
+    def replace(
+        self, target: object, name: str, handler: Callable[..., Any], owner: object
+    ) -> Callable[..., Any]:
+        """Route calls of ``target.name`` to ``handler``; return the original callable."""
+        original: Callable[..., Any] = getattr(target, name)
+
+        # A fresh function per patch, so it can carry the owner tag (bound methods cannot).
+        # wraps() copies the original's attributes: LR schedulers look for theirs on
+        # optimizer.step and warn when it is missing.
+        @functools.wraps(original)
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            return handler(*args, **kwargs)
+
+        setattr(patched, OWNER_ATTRIBUTE, owner)
+        self._saved.append((target, name, vars(target).get(name, _ABSENT)))
+        setattr(target, name, patched)
+        return original
+
+    def restore(self) -> None:
+        """Put back everything replaced, newest first; safe to call more than once."""
+        while self._saved:
+            target, name, previous = self._saved.pop()
+            if previous is _ABSENT:
+                delattr(target, name)
+            else:
+                setattr(target, name, previous)
+
+    def __len__(self) -> int:
+        return len(self._saved)

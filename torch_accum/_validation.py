@@ -1,0 +1,152 @@
+"""Checks of user input. Each error names the argument, the value received and the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def check_accumulation_steps(value: object) -> int:
+    # bool is an int subclass: accumulation_steps=True is almost surely a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"accumulation_steps must be a positive int, got {_describe(value)}; "
+            "pass the number of micro-batches per optimizer step, e.g. accumulation_steps=4"
+        )
+    if value < 1:
+        raise ValueError(
+            f"accumulation_steps must be >= 1, got {value}; pass the number of "
+            "micro-batches per optimizer step (1 disables accumulation)"
+        )
+    return value
+
+
+def check_model(model: object) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {_describe(model)}; "
+            "pass the module whose parameters the optimizer updates"
+        )
+    return model
+
+
+def check_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {_describe(optimizer)}; "
+            "pass the optimizer itself (for example torch.optim.AdamW(model.parameters()))"
+        )
+    return optimizer
+
+
+def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer) -> Any:
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(
+            "scheduler=ReduceLROnPlateau needs a metric, which the Accumulator cannot "
+            "supply at the accumulation boundary; pass scheduler=None and call "
+            "scheduler.step(metric) yourself, for example once per epoch"
+        )
+    if not callable(getattr(scheduler, "step", None)):
+        raise TypeError(
+            f"scheduler must be an LR scheduler with a step() method, got "
+            f"{_describe(scheduler)}; pass a torch.optim.lr_scheduler.LRScheduler or None"
+        )
+    bound_to = getattr(scheduler, "optimizer", optimizer)
+    if bound_to is not optimizer:
+        raise ValueError(
+            f"scheduler is bound to a different optimizer ({type(bound_to).__name__} at "
+            f"{id(bound_to):#x}) than the one passed ({type(optimizer).__name__} at "
+            f"{id(optimizer):#x}); create the scheduler from the same optimizer"
+        )
+    return scheduler
+
+
+def check_scaler(scaler: object) -> torch.amp.GradScaler | None:
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler or None, got {_describe(scaler)}; "
+            "create one with torch.amp.GradScaler(device_type)"
+        )
+    return scaler
+
+
+def check_max_grad_norm(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"max_grad_norm must be a positive number or None, got {_describe(value)}; "
+            "pass e.g. max_grad_norm=1.0, or None to disable clipping"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"max_grad_norm must be a finite number > 0, got {value!r}; "
+            "pass e.g. max_grad_norm=1.0, or None to disable clipping"
+        )
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {_describe(value)}")
+    return str(value)
+
+
+def check_weight(weight: object) -> float:
+    """Turn ``weight`` (number or one-element tensor) into a positive finite float."""
+    if isinstance(weight, torch.Tensor):
+        if weight.numel() != 1:
+            raise ValueError(
+                f"weight must be a scalar, got a tensor of shape {tuple(weight.shape)}; "
+                "pass the micro-batch's total weight, e.g. weight=mask.sum()"
+            )
+        if weight.dtype == torch.bool:
+            raise TypeError("weight must be a number, got a bool tensor; pass e.g. weight=mask.sum()")
+        value = float(weight.item())
+    elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(
+            f"weight must be a positive number or a one-element tensor, got {_describe(weight)}; "
+            "pass e.g. weight=n_tokens"
+        )
+    else:
+        value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"weight must be a finite number > 0, got {value!r}; a micro-batch with no "
+            "samples or tokens should be skipped instead of passed to acc.backward"
+        )
+    return value
+
+
+def check_loss(loss: object) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"loss must be a torch.Tensor, got {_describe(loss)}; pass the scalar loss "
+            "of the micro-batch"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}; reduce it "
+            "first, e.g. loss.mean(), and pass the number of elements as weight"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss does not require grad; compute it from the model's output with "
+            "gradients enabled (not under torch.no_grad() or inference_mode())"
+        )
+    return loss

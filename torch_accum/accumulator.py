@@ -1,0 +1,475 @@
+"""The Accumulator: exact gradient accumulation around an unchanged training loop."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from types import TracebackType
+from typing import Any, Literal, cast
+
+import torch
+from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+
+from torch_accum._patching import MethodPatches, patch_owner
+from torch_accum._validation import (
+    check_accumulation_steps,
+    check_choice,
+    check_loss,
+    check_max_grad_norm,
+    check_model,
+    check_optimizer,
+    check_scaler,
+    check_scheduler,
+    check_weight,
+)
+from torch_accum._window import Window
+
+logger = logging.getLogger(__name__)
+
+PartialWindow = Literal["apply", "discard", "carry"]
+OnNonFinite = Literal["skip", "raise"]
+
+_PARTIAL_WINDOW_CHOICES = ("apply", "discard", "carry")
+_ON_NONFINITE_CHOICES = ("skip", "raise")
+
+
+class Accumulator:
+    """Exact gradient accumulation as a context manager around your own training loop.
+
+    Inside ``with acc:`` the loop keeps its ``optimizer.step()``, ``optimizer.zero_grad()``
+    and ``scheduler.step()`` calls (and the AMP calls ``scaler.step(optimizer)``,
+    ``scaler.update()``, ``scaler.unscale_(optimizer)``); they take effect only at the
+    accumulation boundary, every ``accumulation_steps`` calls of :meth:`backward`. There
+    the Accumulator performs the real update, in this order: unscale (scaler), non-finite
+    check, clipping to ``max_grad_norm``, optimizer step, scaler update, scheduler step,
+    zero_grad. Leaving the block restores every patched method, also on an exception.
+
+    The update equals ``sum(w_i * grad(loss_i)) / sum(w_i)`` over the micro-batches of the
+    window, with ``w_i = 1`` unless :meth:`backward` is given a ``weight``. So K micro-batches
+    with mean-reduced losses give the full-batch mean gradient, a short final window is
+    averaged over its own length, and ``weight=n_tokens`` gives the exact token mean.
+
+    Args:
+        model: the module being trained.
+        optimizer: the optimizer that updates it.
+        accumulation_steps: micro-batches per optimizer step (1 disables accumulation).
+        scheduler: LR scheduler of ``optimizer``, stepped once per real optimizer step and
+            not for skipped steps. ``ReduceLROnPlateau`` is not accepted (it needs a metric).
+        scaler: a ``torch.amp.GradScaler``; :meth:`backward` scales the loss with it.
+        max_grad_norm: clip the accumulated, unscaled gradient to this total 2-norm.
+        partial_window: what leaving the block with fewer than ``accumulation_steps``
+            micro-batches pending does: ``"apply"`` (default) one update averaged over
+            them; ``"discard"`` drops them (logged); ``"carry"`` keeps them for the next
+            ``with`` block of this Accumulator.
+        on_nonfinite: without an enabled scaler, a window whose gradient is not finite is
+            skipped (``"skip"``, default: parameters, optimizer state and scheduler
+            untouched, gradients cleared, counted in ``skipped_steps``, a warning) or raises
+            a ``RuntimeError`` naming the parameters (``"raise"``). With a scaler, the
+            scaler's skip and back-off apply instead.
+
+    Example:
+        >>> import torch
+        >>> from torch_accum import Accumulator
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
+        >>> # Six micro-batches, three optimizer steps:
+        >>> acc = Accumulator(model, optimizer, accumulation_steps=2)
+        >>> with acc:
+        ...     for x, y in batches:
+        ...         loss = torch.nn.functional.mse_loss(model(x), y)
+        ...         acc.backward(loss)
+        ...         optimizer.step()       # real only when acc.sync_gradients
+        ...         optimizer.zero_grad()
+        >>> acc.optimizer_steps
+        3
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int,
+        *,
+        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
+        partial_window: PartialWindow = "apply",
+        on_nonfinite: OnNonFinite = "skip",
+    ) -> None:
+        self.model = check_model(model)
+        self.optimizer = check_optimizer(optimizer)
+        self.accumulation_steps = check_accumulation_steps(accumulation_steps)
+        self.scheduler = check_scheduler(scheduler, self.optimizer)
+        self.scaler = check_scaler(scaler)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self.partial_window = check_choice(
+            "partial_window", partial_window, _PARTIAL_WINDOW_CHOICES
+        )
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _ON_NONFINITE_CHOICES)
+
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+        self._window = Window()
+        self._last_window: Window | None = None
+        self._last_loss: float | None = None
+        # The window is complete and normalised; the next optimizer.step() applies it.
+        self._window_ready = False
+        # The latest backward() ended a window; cleared by the next backward().
+        self._ended_window = False
+        self._unscaled = False
+        # True while the real update runs, so the patched methods pass calls through.
+        self._in_update = False
+        self._active = False
+        self._patches = MethodPatches()
+
+    # ------------------------------------------------------------------ observability
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether the current micro-batch ends the window, so that its step is real.
+
+        True from the :meth:`backward` that completes a window until the next
+        :meth:`backward`, i.e. for the rest of that loop iteration: guard per-window work
+        (logging ``acc.loss``, inspecting gradients) with it. A final partial window is
+        not known to be final until the block exits, so it reads False there.
+        """
+        if self._window_ready or self._ended_window:
+            return True
+        # Before the first backward of a window only K=1 is known to end it.
+        return self._window.count == 0 and self.accumulation_steps == 1
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches accumulated since the last update (0 right after one)."""
+        return self._window.count
+
+    @property
+    def loss(self) -> float | None:
+        """The (weighted) mean loss of the last completed window, or None before one."""
+        if self._last_window is None:
+            return None
+        if self._last_loss is None:
+            self._last_loss = self._last_window.mean_loss()
+        return self._last_loss
+
+    @property
+    def active(self) -> bool:
+        """Whether the ``with`` block is running."""
+        return self._active
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(accumulation_steps={self.accumulation_steps}, "
+            f"micro_step={self.micro_step}, optimizer_steps={self.optimizer_steps}, "
+            f"skipped_steps={self.skipped_steps}, sync_gradients={self.sync_gradients}, "
+            f"active={self._active})"
+        )
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> Accumulator:
+        if self._active:
+            raise RuntimeError(
+                "this Accumulator is already active; leave its `with` block before "
+                "entering it again"
+            )
+        if patch_owner(self.optimizer.step) is not None:
+            raise RuntimeError(
+                "the optimizer is already driven by another active Accumulator; use one "
+                "Accumulator per optimizer, or leave the other's `with` block first"
+            )
+        try:
+            self._install_patches()
+        except BaseException:
+            self._patches.restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            # After an exception nothing is applied: the pending window stays as it is
+            # (see state_dict) and the user decides.
+            if exc_type is None:
+                self._finish_pending_window()
+        finally:
+            self._active = False
+            self._patches.restore()
+
+    def _install_patches(self) -> None:
+        replace = self._patches.replace
+        optimizer = self.optimizer
+        self._real_step = replace(optimizer, "step", self._on_optimizer_step, self)
+        self._real_zero_grad = replace(optimizer, "zero_grad", self._on_zero_grad, self)
+        if self.scheduler is not None:
+            self._real_scheduler_step = replace(
+                self.scheduler, "step", self._on_scheduler_step, self
+            )
+        if self.scaler is not None:
+            scaler = self.scaler
+            self._real_scaler_step = replace(scaler, "step", self._on_scaler_step, self)
+            self._real_scaler_update = replace(scaler, "update", self._on_scaler_update, self)
+            self._real_unscale = replace(scaler, "unscale_", self._on_unscale, self)
+
+    # ------------------------------------------------------------------ the loop's calls
+    def backward(self, loss: torch.Tensor, weight: float | int | torch.Tensor | None = None) -> None:
+        """Accumulate the gradient of one micro-batch's ``loss``.
+
+        Args:
+            loss: the micro-batch's scalar loss, reduced as for a full batch (e.g. a mean).
+            weight: the micro-batch's share of the window, for example its number of
+                tokens when ``loss`` is a mean over tokens. The update is then the exact
+                weighted mean over the window. Defaults to 1 (all micro-batches equal).
+        """
+        if not self._active:
+            raise RuntimeError(
+                "acc.backward() was called outside the `with acc:` block; put the "
+                "training loop inside `with acc:`"
+            )
+        if self._window_ready:
+            raise RuntimeError(
+                "the previous window is complete but its update was not applied: call "
+                "optimizer.step() (or scaler.step(optimizer)) after every acc.backward()"
+            )
+        loss = check_loss(loss)
+        weight_value = 1.0 if weight is None else check_weight(weight)
+        factor = self._window.factor_for(weight_value)
+        scaled = loss if factor == 1.0 else loss * factor
+        if self._scaler_enabled:
+            scaled = self.scaler.scale(scaled)  # type: ignore[union-attr]
+        self._ended_window = False
+        scaled.backward()
+        self._window.add(weight_value, factor, loss)
+        if self._window.count == self.accumulation_steps:
+            self._close_window()
+
+    def _on_optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._in_update:
+            return self._real_step(*args, **kwargs)
+        if args or kwargs.get("closure") is not None:
+            raise TypeError(
+                "optimizer.step(closure) is not supported inside an Accumulator: a "
+                "closure re-evaluates the loss, which defeats accumulation; call "
+                "optimizer.step() without a closure"
+            )
+        if self._window_ready:
+            self._apply_update()
+        return None
+
+    def _on_zero_grad(self, set_to_none: bool = True) -> None:
+        # Clearing is harmless only while nothing is accumulated (top-of-loop zero_grad).
+        if self._in_update or self._window.count == 0:
+            self._real_zero_grad(set_to_none=set_to_none)
+
+    def _on_scheduler_step(self, *args: Any, **kwargs: Any) -> None:
+        if self._in_update:
+            self._real_scheduler_step(*args, **kwargs)
+
+    def _on_scaler_step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if self._in_update or optimizer is not self.optimizer:
+            return self._real_scaler_step(optimizer, *args, **kwargs)
+        return self._on_optimizer_step(*args, **kwargs)
+
+    def _on_scaler_update(self, *args: Any, **kwargs: Any) -> None:
+        if self._in_update:
+            self._real_scaler_update(*args, **kwargs)
+
+    def _on_unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._in_update or optimizer is not self.optimizer:
+            self._real_unscale(optimizer)
+        elif self._window_ready and not self._unscaled:
+            # The user unscales to clip or inspect the finished window themselves.
+            self._real_unscale(optimizer)
+            self._unscaled = True
+
+    # ------------------------------------------------------------------ the boundary
+    @property
+    def _scaler_enabled(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._params() if p.grad is not None]
+
+    def _close_window(self) -> None:
+        factor_sum = self._window.factor_sum
+        if factor_sum != 1.0:
+            grads = self._grads()
+            if grads:
+                torch._foreach_div_(grads, factor_sum)
+        self._window_ready = True
+        self._ended_window = True
+
+    def _apply_update(self) -> None:
+        self._in_update = True
+        try:
+            skipped = self._scaled_update() if self._scaler_enabled else self._plain_update()
+            if skipped:
+                self.skipped_steps += 1
+            else:
+                self.optimizer_steps += 1
+                if self.scheduler is not None:
+                    self.scheduler.step()
+            self._real_zero_grad(set_to_none=True)
+        finally:
+            self._in_update = False
+        self._end_window()
+
+    def _end_window(self) -> None:
+        self._last_window = self._window
+        self._last_loss = None
+        self._window = Window()
+        self._window_ready = False
+        self._unscaled = False
+
+    def _plain_update(self) -> bool:
+        """Check, clip and step without a scaler; return whether the step was skipped."""
+        params = [p for p in self._params() if p.grad is not None]
+        if not params:
+            self._real_step()
+            return False
+        total_norm = get_total_norm([p.grad for p in params])  # type: ignore[misc]
+        if not torch.isfinite(total_norm):
+            self._reject_nonfinite(params, float(total_norm))
+            return True
+        if self.max_grad_norm is not None:
+            clip_grads_with_norm_(params, self.max_grad_norm, total_norm)
+        self._real_step()
+        return False
+
+    def _reject_nonfinite(self, params: list[torch.Tensor], total_norm: float) -> None:
+        if self.on_nonfinite == "raise":
+            names = self._nonfinite_parameter_names(params)
+            self._real_zero_grad(set_to_none=True)
+            self._end_window()
+            raise RuntimeError(
+                f"non-finite gradient (total norm {total_norm}) in {len(names)} "
+                f"parameter(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
+                "the update was not applied and the gradients were cleared. Lower the "
+                "learning rate, check the inputs, or pass on_nonfinite='skip'"
+            )
+        warnings.warn(
+            f"non-finite gradient (total norm {total_norm}): optimizer step "
+            f"{self.optimizer_steps + 1} skipped, gradients cleared "
+            f"({self.skipped_steps + 1} skipped so far)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _nonfinite_parameter_names(self, params: list[torch.Tensor]) -> list[str]:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [
+            names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+            for p in params
+            if not torch.isfinite(p.grad).all()  # type: ignore[arg-type]
+        ]
+
+    def _scaled_update(self) -> bool:
+        """Unscale, clip and step through the GradScaler; return whether it skipped."""
+        scaler = cast(torch.amp.GradScaler, self.scaler)  # only called when enabled
+        if not self._unscaled:
+            self._real_unscale(self.optimizer)
+        if self.max_grad_norm is not None:
+            # Non-finite gradients turn into NaN here; the scaler then skips the step.
+            clip_grad_norm_(self._params(), self.max_grad_norm)
+        scale_before = scaler.get_scale()
+        self._real_scaler_step(self.optimizer)
+        self._real_scaler_update()
+        # GradScaler backs the scale off exactly when it found infs and skipped the step.
+        skipped = scaler.get_scale() < scale_before
+        if skipped:
+            logger.debug("GradScaler skipped a step; scale %s -> %s", scale_before, scaler.get_scale())
+        return skipped
+
+    def _finish_pending_window(self) -> None:
+        if self._window_ready:
+            self._apply_update()
+            return
+        pending = self._window.count
+        if pending == 0:
+            return
+        if self.partial_window == "apply":
+            logger.debug("applying a partial window of %d micro-batches", pending)
+            self._close_window()
+            self._apply_update()
+        elif self.partial_window == "discard":
+            logger.info("discarding a partial window of %d micro-batches", pending)
+            self._real_zero_grad(set_to_none=True)
+            self._window = Window()
+        else:
+            logger.debug("carrying a partial window of %d micro-batches over", pending)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the pending window, including its accumulated gradients.
+
+        Save it with the model, optimizer, scheduler and scaler state dicts; after
+        :meth:`load_state_dict` a run resumed mid-window continues exactly.
+        """
+        if self._unscaled:
+            raise RuntimeError(
+                "state_dict() was called between scaler.unscale_() and the step; call it "
+                "after acc.backward() or after optimizer.step()"
+            )
+        gradients = None
+        if self._window.count:
+            gradients = [
+                None if p.grad is None else p.grad.detach().clone() for p in self._params()
+            ]
+        return {
+            "accumulation_steps": self.accumulation_steps,
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            "window": self._window.state_dict(),
+            "window_ready": self._window_ready,
+            "last_window": None if self._last_window is None else self._last_window.state_dict(),
+            "gradients": gradients,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, including pending gradients."""
+        if self._in_update:
+            raise RuntimeError("load_state_dict() cannot run during an optimizer update")
+        window = Window.from_state_dict(state_dict["window"])
+        saved_steps = state_dict["accumulation_steps"]
+        if window.count and saved_steps != self.accumulation_steps:
+            raise ValueError(
+                f"state_dict holds a pending window of accumulation_steps={saved_steps}, "
+                f"but this Accumulator has accumulation_steps={self.accumulation_steps}; "
+                "construct it with the saved value to resume mid-window"
+            )
+        gradients = state_dict["gradients"]
+        if gradients is not None:
+            self._load_gradients(gradients)
+        self.optimizer_steps = int(state_dict["optimizer_steps"])
+        self.skipped_steps = int(state_dict["skipped_steps"])
+        self._window = window
+        self._window_ready = bool(state_dict["window_ready"])
+        last = state_dict["last_window"]
+        self._last_window = None if last is None else Window.from_state_dict(last)
+        self._last_loss = None
+
+    def _load_gradients(self, gradients: list[torch.Tensor | None]) -> None:
+        params = self._params()
+        if len(gradients) != len(params):
+            raise ValueError(
+                f"state_dict['gradients'] has {len(gradients)} entries but the optimizer "
+                f"has {len(params)} parameters; load it into the same model and optimizer"
+            )
+        for index, (param, grad) in enumerate(zip(params, gradients)):
+            if grad is not None and grad.shape != param.shape:
+                raise ValueError(
+                    f"state_dict['gradients'][{index}] has shape {tuple(grad.shape)} but "
+                    f"the parameter has shape {tuple(param.shape)}; load it into the same "
+                    "model and optimizer"
+                )
+        for param, grad in zip(params, gradients):
+            param.grad = (
+                None if grad is None else grad.to(device=param.device, dtype=param.dtype, copy=True)
+            )
