@@ -48,6 +48,21 @@ class MethodPatches:
         setattr(target, name, patched)
         return original
 
+    def scrub(self, target: object, attributes: dict[str, Any]) -> dict[str, Any]:
+        """Undo, in a copy of ``target.__dict__``-like ``attributes``, the patches on ``target``.
+
+        Objects whose ``state_dict()`` copies their ``__dict__`` (LR schedulers) would
+        otherwise save the patched functions, which neither pickle nor belong in a checkpoint.
+        """
+        cleaned = dict(attributes)
+        for patched_target, name, previous in self._saved:
+            if patched_target is target:
+                if previous is _ABSENT:
+                    cleaned.pop(name, None)
+                else:
+                    cleaned[name] = previous
+        return cleaned
+
     def restore(self) -> None:
         """Put back everything replaced, newest first; safe to call more than once."""
         while self._saved:

@@ -11,8 +11,8 @@ import torch
 
 def _describe(value: object) -> str:
     text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
+    if "\n" in text or len(text) > 60:
+        return f"an object of type {type(value).__name__}"
     return f"{text} ({type(value).__name__})"
 
 

@@ -209,6 +209,9 @@ class Accumulator:
             self._real_scheduler_step = replace(
                 self.scheduler, "step", self._on_scheduler_step, self
             )
+            self._real_scheduler_state_dict = replace(
+                self.scheduler, "state_dict", self._on_scheduler_state_dict, self
+            )
         if self.scaler is not None:
             scaler = self.scaler
             self._real_scaler_step = replace(scaler, "step", self._on_scaler_step, self)
@@ -268,6 +271,9 @@ class Accumulator:
     def _on_scheduler_step(self, *args: Any, **kwargs: Any) -> None:
         if self._in_update:
             self._real_scheduler_step(*args, **kwargs)
+
+    def _on_scheduler_state_dict(self) -> dict[str, Any]:
+        return self._patches.scrub(self.scheduler, self._real_scheduler_state_dict())
 
     def _on_scaler_step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         if self._in_update or optimizer is not self.optimizer:

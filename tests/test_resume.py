@@ -1,0 +1,97 @@
+"""Semantics 7: state_dict() / load_state_dict() resume a run mid-window exactly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_batches, make_model, mse
+
+from torch_accum import Accumulator
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+def run_worker(*args: str) -> None:
+    subprocess.run([sys.executable, str(WORKER), *args], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("uninterrupted") / "result.pt"
+    run_worker(str(path))
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("stop_after", [6, 1])
+def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path, uninterrupted, stop_after):
+    checkpoint = tmp_path / "checkpoint.pt"
+    resumed = tmp_path / "resumed.pt"
+    run_worker(str(checkpoint), "--stop-after", str(stop_after))
+    run_worker(str(resumed), "--resume", str(checkpoint))
+
+    expected = uninterrupted
+    got = torch.load(resumed)
+    assert got["counters"] == expected["counters"]
+    assert got["counters"][0] == 3  # windows of 4, 4 and a partial 3
+    for a, b in zip(got["params"], expected["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_without_the_accumulator_state_would_differ(tmp_path, uninterrupted):
+    # The control: dropping the pending gradients changes the result.
+    checkpoint = tmp_path / "checkpoint.pt"
+    run_worker(str(checkpoint), "--stop-after", "6")
+    state = torch.load(checkpoint)
+    state["accumulator"]["gradients"] = None
+    state["accumulator"]["window"] = Accumulator(
+        make_model(), torch.optim.SGD(make_model().parameters(), lr=0.1), 4
+    ).state_dict()["window"]
+    torch.save(state, checkpoint)
+    run_worker(str(tmp_path / "resumed.pt"), "--resume", str(checkpoint))
+    got = torch.load(tmp_path / "resumed.pt")["params"]
+    expected = uninterrupted["params"]
+    assert any(not torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_state_dict_round_trip_in_process():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    with acc:
+        for batch in make_batches(4, 4):
+            acc.backward(mse(model, batch), weight=2.0)
+            optimizer.step()
+    state = acc.state_dict()
+    assert acc.micro_step == 0 and state["gradients"] is None
+
+    with acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        state = acc.state_dict()
+        loss_at_save = acc.loss
+        grads = [p.grad.clone() for p in model.parameters()]
+        acc.backward(mse(model, make_batches(1, 4, seed=5)[0]))  # state holds copies
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 3)
+    other.load_state_dict(state)
+    assert (other.micro_step, other.optimizer_steps, other.loss) == (1, 2, loss_at_save)
+    for param, grad in zip(other_model.parameters(), grads):
+        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
+
+
+def test_load_state_dict_rejects_a_mismatch():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    with acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        state = acc.state_dict()
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 5)
+    with pytest.raises(ValueError, match=r"pending window of accumulation_steps=3, but this Accumulator has accumulation_steps=5"):
+        other.load_state_dict(state)
+    small = torch.nn.Linear(6, 3).double()
+    other = Accumulator(small, torch.optim.SGD(small.parameters(), lr=0.1), 3)
+    with pytest.raises(ValueError, match=r"state_dict\['gradients'\] has 4 entries but the optimizer has 2"):
+        other.load_state_dict(state)
