@@ -27,8 +27,10 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
     acc = Accumulator(model, optimizer, 4, scheduler=scheduler, max_grad_norm=0.5)
     generator = torch.Generator().manual_seed(1)
-    data = [(torch.randn(5, 8, generator=generator), torch.randn(5, 2, generator=generator))
-            for _ in range(MICRO_BATCHES)]
+    data = [
+        (torch.randn(5, 8, generator=generator), torch.randn(5, 2, generator=generator))
+        for _ in range(MICRO_BATCHES)
+    ]
 
     start = 0
     if args.resume:
@@ -59,8 +61,10 @@ def main() -> None:
                 )
                 raise SystemExit(0)  # a crash mid-window: nothing applied on the way out
     torch.save(
-        {"params": [p.detach() for p in model.parameters()],
-         "counters": (acc.optimizer_steps, acc.skipped_steps, acc.micro_step, acc.loss)},
+        {
+            "params": [p.detach() for p in model.parameters()],
+            "counters": (acc.optimizer_steps, acc.skipped_steps, acc.micro_step, acc.loss),
+        },
         args.out,
     )
 

@@ -89,9 +89,7 @@ def test_boundary_order_with_a_grad_scaler():
     optimizer = recorder.optimizer(model, lr=0.1)
     scheduler = recorder.scheduler(optimizer)
     scaler = recorder.scaler()
-    acc = Accumulator(
-        model, optimizer, 2, scheduler=scheduler, scaler=scaler, max_grad_norm=0.01
-    )
+    acc = Accumulator(model, optimizer, 2, scheduler=scheduler, scaler=scaler, max_grad_norm=0.01)
     recorder.events.clear()  # the scheduler's constructor steps once
     run_window(model, optimizer, acc, make_batches(2, 4), scaler, scheduler)
     names = [e if isinstance(e, str) else e[0] for e in recorder.events]

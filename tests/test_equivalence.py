@@ -44,8 +44,7 @@ def test_accumulation_differs_from_stepping_every_micro_batch():
     micro_batches = [mb for batch in batches for mb in split(batch, 4)]
     train_full_batch(model, OPTIMIZERS["adam"](model.parameters()), micro_batches)
     difference = max(
-        (a - b).abs().max().item()
-        for a, b in zip(parameters_of(model), parameters_of(reference))
+        (a - b).abs().max().item() for a, b in zip(parameters_of(model), parameters_of(reference))
     )
     assert difference > 1e-3
 

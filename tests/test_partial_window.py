@@ -71,9 +71,7 @@ def test_dividing_the_partial_window_by_k_would_be_detected():
     optimizer = torch.optim.SGD(right.parameters(), lr=0.1)
     mse(right, merge(micro_batches)).backward()
     optimizer.step()
-    for got, expected, bad in zip(
-        parameters_of(model), parameters_of(right), parameters_of(wrong)
-    ):
+    for got, expected, bad in zip(parameters_of(model), parameters_of(right), parameters_of(wrong)):
         torch.testing.assert_close(got, expected, **TOL)
         assert not torch.allclose(got, bad, rtol=1e-6, atol=1e-8)
 
@@ -84,9 +82,7 @@ def test_discard_drops_the_partial_window_and_logs_it(caplog):
     train_full_batch(reference, sgd(reference), [merge(micro_batches[:4])])
     model = make_model()
     with caplog.at_level(logging.INFO, logger="torch_accum"):
-        acc = train_accumulated(
-            model, sgd(model), micro_batches, 4, partial_window="discard"
-        )
+        acc = train_accumulated(model, sgd(model), micro_batches, 4, partial_window="discard")
     assert "discarding a partial window of 2 micro-batches" in caplog.text
     assert acc.optimizer_steps == 1
     assert acc.micro_step == 0
@@ -98,7 +94,9 @@ def test_discard_drops_the_partial_window_and_logs_it(caplog):
 def test_carry_continues_the_window_in_the_next_block():
     micro_batches = make_batches(count=8, batch_size=4)
     reference = make_model()
-    train_full_batch(reference, sgd(reference), [merge(micro_batches[:4]), merge(micro_batches[4:])])
+    train_full_batch(
+        reference, sgd(reference), [merge(micro_batches[:4]), merge(micro_batches[4:])]
+    )
 
     model = make_model()
     optimizer = sgd(model)

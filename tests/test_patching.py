@@ -60,7 +60,9 @@ def test_plain_optimizer_has_no_instance_attributes_left():
 def test_backward_outside_the_block_raises():
     model = make_model()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 2)
-    with pytest.raises(RuntimeError, match=r"acc.backward\(\) was called outside the `with acc:` block"):
+    with pytest.raises(
+        RuntimeError, match=r"acc.backward\(\) was called outside the `with acc:` block"
+    ):
         acc.backward(mse(model, make_batches(1, 4)[0]))
 
 
@@ -93,9 +95,11 @@ def test_two_accumulators_on_one_optimizer_raise():
 def test_step_with_a_closure_raises():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match=r"optimizer.step\(closure\) is not supported"):
-        with Accumulator(model, optimizer, 2):
-            optimizer.step(lambda: mse(model, make_batches(1, 4)[0]))
+    with (
+        pytest.raises(TypeError, match=r"optimizer.step\(closure\) is not supported"),
+        Accumulator(model, optimizer, 2),
+    ):
+        optimizer.step(lambda: mse(model, make_batches(1, 4)[0]))
     assert "step" not in vars(optimizer)
 
 
@@ -103,14 +107,16 @@ def test_backward_after_a_complete_window_without_step_raises():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = Accumulator(model, optimizer, 1)
-    with pytest.raises(RuntimeError, match=r"call optimizer.step\(\) .* after every acc.backward"):
-        with acc:
-            for batch in make_batches(2, 4):
-                acc.backward(mse(model, batch))
+    with (
+        pytest.raises(RuntimeError, match=r"call optimizer.step\(\) .* after every acc.backward"),
+        acc,
+    ):
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
 
 
 def test_scheduler_state_dict_inside_the_block_is_clean_and_picklable(tmp_path):
-    model, optimizer, scheduler, scaler, acc = make_everything()
+    _, _, scheduler, _, acc = make_everything()
     outside = scheduler.state_dict()
     with acc:
         inside = scheduler.state_dict()

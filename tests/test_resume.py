@@ -89,9 +89,14 @@ def test_load_state_dict_rejects_a_mismatch():
         state = acc.state_dict()
     other_model = make_model()
     other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 5)
-    with pytest.raises(ValueError, match=r"pending window of accumulation_steps=3, but this Accumulator has accumulation_steps=5"):
+    with pytest.raises(
+        ValueError,
+        match=r"pending window of accumulation_steps=3, but this Accumulator has accumulation_steps=5",
+    ):
         other.load_state_dict(state)
     small = torch.nn.Linear(6, 3).double()
     other = Accumulator(small, torch.optim.SGD(small.parameters(), lr=0.1), 3)
-    with pytest.raises(ValueError, match=r"state_dict\['gradients'\] has 4 entries but the optimizer has 2"):
+    with pytest.raises(
+        ValueError, match=r"state_dict\['gradients'\] has 4 entries but the optimizer has 2"
+    ):
         other.load_state_dict(state)

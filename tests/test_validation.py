@@ -36,7 +36,9 @@ def test_bad_accumulation_steps(model, optimizer, value, error, message):
 
 
 def test_optimizer_must_be_an_optimizer(model):
-    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer, got an object of type list"):
+    with pytest.raises(
+        TypeError, match=r"optimizer must be a torch.optim.Optimizer, got an object of type list"
+    ):
         Accumulator(model, list(model.parameters()), accumulation_steps=2)
 
 
@@ -48,7 +50,9 @@ def test_model_must_be_a_module(optimizer):
 def test_scheduler_bound_to_another_optimizer(model, optimizer):
     other = torch.optim.SGD(make_model().parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(other, step_size=1)
-    with pytest.raises(ValueError, match=r"scheduler is bound to a different optimizer .* same optimizer"):
+    with pytest.raises(
+        ValueError, match=r"scheduler is bound to a different optimizer .* same optimizer"
+    ):
         Accumulator(model, optimizer, 2, scheduler=scheduler)
 
 
@@ -64,7 +68,9 @@ def test_reduce_lr_on_plateau_is_refused_with_the_fix(model, optimizer):
 
 
 def test_scaler_must_be_a_grad_scaler(model, optimizer):
-    with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got 'amp'"):
+    with pytest.raises(
+        TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got 'amp'"
+    ):
         Accumulator(model, optimizer, 2, scaler="amp")
 
 
@@ -85,9 +91,13 @@ def test_bad_max_grad_norm(model, optimizer, value, error, message):
 
 
 def test_bad_partial_window_and_on_nonfinite(model, optimizer):
-    with pytest.raises(ValueError, match=r"partial_window must be one of 'apply', 'discard', 'carry'; got 'keep'"):
+    with pytest.raises(
+        ValueError, match=r"partial_window must be one of 'apply', 'discard', 'carry'; got 'keep'"
+    ):
         Accumulator(model, optimizer, 2, partial_window="keep")
-    with pytest.raises(ValueError, match=r"on_nonfinite must be one of 'skip', 'raise'; got 'warn'"):
+    with pytest.raises(
+        ValueError, match=r"on_nonfinite must be one of 'skip', 'raise'; got 'warn'"
+    ):
         Accumulator(model, optimizer, 2, on_nonfinite="warn")
 
 
@@ -119,7 +129,9 @@ def test_bad_loss(model, optimizer):
     with acc:
         with pytest.raises(TypeError, match=r"loss must be a torch.Tensor, got 1\.5 \(float\)"):
             acc.backward(1.5)
-        with pytest.raises(ValueError, match=r"loss must be a scalar, got a tensor of shape \(4, 3\)"):
+        with pytest.raises(
+            ValueError, match=r"loss must be a scalar, got a tensor of shape \(4, 3\)"
+        ):
             x, y = make_batches(1, 4)[0]
             acc.backward((model(x) - y) ** 2)
         with torch.no_grad():

@@ -22,7 +22,9 @@ class TinyLM(nn.Module):
         return self.head(torch.tanh(self.embedding(tokens)))
 
 
-def ragged_batch(lengths: list[int], max_length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_batch(
+    lengths: list[int], max_length: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token and target rows; padding targets are PAD (ignored)."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.full((len(lengths), max_length), PAD)
@@ -54,8 +56,12 @@ WINDOWS = [
 
 def merge(batches):
     width = max(tokens.shape[1] for tokens, _ in batches)
-    tokens = torch.cat([nn.functional.pad(t, (0, width - t.shape[1]), value=PAD) for t, _ in batches])
-    targets = torch.cat([nn.functional.pad(t, (0, width - t.shape[1]), value=PAD) for _, t in batches])
+    tokens = torch.cat(
+        [nn.functional.pad(t, (0, width - t.shape[1]), value=PAD) for t, _ in batches]
+    )
+    targets = torch.cat(
+        [nn.functional.pad(t, (0, width - t.shape[1]), value=PAD) for _, t in batches]
+    )
     return tokens, targets
 
 
@@ -152,7 +158,10 @@ def test_token_weights_of_1e5_do_not_overflow_float16_with_a_grad_scaler():
     generator = torch.Generator().manual_seed(0)
     counts = [100_000, 131_072, 90_000]
     batches = [
-        (torch.randint(0, 16, (n,), generator=generator), torch.randint(0, 16, (n,), generator=generator))
+        (
+            torch.randint(0, 16, (n,), generator=generator),
+            torch.randint(0, 16, (n,), generator=generator),
+        )
         for n in counts
     ]
     model = HalfPrecisionLM()

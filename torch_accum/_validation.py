@@ -116,7 +116,9 @@ def check_weight(weight: object) -> float:
                 "pass the micro-batch's total weight, e.g. weight=mask.sum()"
             )
         if weight.dtype == torch.bool:
-            raise TypeError("weight must be a number, got a bool tensor; pass e.g. weight=mask.sum()")
+            raise TypeError(
+                "weight must be a number, got a bool tensor; pass e.g. weight=mask.sum()"
+            )
         value = float(weight.item())
     elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise TypeError(

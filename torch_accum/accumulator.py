@@ -219,7 +219,9 @@ class Accumulator:
             self._real_unscale = replace(scaler, "unscale_", self._on_unscale, self)
 
     # ------------------------------------------------------------------ the loop's calls
-    def backward(self, loss: torch.Tensor, weight: float | int | torch.Tensor | None = None) -> None:
+    def backward(
+        self, loss: torch.Tensor, weight: float | int | torch.Tensor | None = None
+    ) -> None:
         """Accumulate the gradient of one micro-batch's ``loss``.
 
         Args:
@@ -390,7 +392,9 @@ class Accumulator:
         # GradScaler backs the scale off exactly when it found infs and skipped the step.
         skipped = scaler.get_scale() < scale_before
         if skipped:
-            logger.debug("GradScaler skipped a step; scale %s -> %s", scale_before, scaler.get_scale())
+            logger.debug(
+                "GradScaler skipped a step; scale %s -> %s", scale_before, scaler.get_scale()
+            )
         return skipped
 
     def _finish_pending_window(self) -> None:
@@ -468,14 +472,14 @@ class Accumulator:
                 f"state_dict['gradients'] has {len(gradients)} entries but the optimizer "
                 f"has {len(params)} parameters; load it into the same model and optimizer"
             )
-        for index, (param, grad) in enumerate(zip(params, gradients)):
+        for index, (param, grad) in enumerate(zip(params, gradients, strict=True)):
             if grad is not None and grad.shape != param.shape:
                 raise ValueError(
                     f"state_dict['gradients'][{index}] has shape {tuple(grad.shape)} but "
                     f"the parameter has shape {tuple(param.shape)}; load it into the same "
                     "model and optimizer"
                 )
-        for param, grad in zip(params, gradients):
+        for param, grad in zip(params, gradients, strict=True):
             param.grad = (
                 None if grad is None else grad.to(device=param.device, dtype=param.dtype, copy=True)
             )
