@@ -10,6 +10,7 @@ from typing import Any, Literal, cast
 import torch
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
+from torch_accum._gradients import FiniteCheck
 from torch_accum._patching import MethodPatches, patch_owner
 from torch_accum._validation import (
     check_accumulation_steps,
@@ -118,10 +119,16 @@ class Accumulator:
         # The latest backward() ended a window; cleared by the next backward().
         self._ended_window = False
         self._unscaled = False
+        # Whether the ready window holds inf/NaN, when _close_window checked it.
+        self._window_nonfinite = False
+        # The boundary has just cleared the gradients; the loop's zero_grad() can skip it.
+        self._grads_cleared = False
         # True while the real update runs, so the patched methods pass calls through.
         self._in_update = False
         self._active = False
         self._patches = MethodPatches()
+        self._finite_check = FiniteCheck()
+        self._seed_cache: dict[tuple[torch.dtype, torch.device, torch.Size], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ observability
     @property
@@ -242,15 +249,36 @@ class Accumulator:
             )
         loss = check_loss(loss)
         weight_value = 1.0 if weight is None else check_weight(weight)
-        factor = self._window.factor_for(weight_value)
-        scaled = loss if factor == 1.0 else loss * factor
-        if self._scaler_enabled:
-            scaled = self.scaler.scale(scaled)  # type: ignore[union-attr]
+        relative_weight = self._window.relative_weight(weight_value)
+        # Weighting the loss costs nothing in backward; the boundary corrects for what the
+        # weights of later micro-batches turn out to be (see _window.py).
+        factor = relative_weight / self.accumulation_steps
+        scaler = self.scaler if self._scaler_enabled else None
+        loss_to_backward = loss if scaler is None else scaler.scale(loss)
         self._ended_window = False
-        scaled.backward()
-        self._window.add(weight_value, factor, loss)
+        self._grads_cleared = False
+        loss_to_backward.backward(self._backward_seed(loss_to_backward, factor))
+        self._window.add(weight_value, relative_weight, loss)
         if self._window.count == self.accumulation_steps:
             self._close_window()
+
+    def _backward_seed(self, loss: torch.Tensor, factor: float) -> torch.Tensor | None:
+        """The gradient to start backward from: ``factor`` instead of 1.
+
+        Seeding backward with the factor, rather than multiplying the loss by it, adds no
+        node to the graph; on a small model that is faster than the hand-written
+        ``(loss / K).backward()``. The equal-weight seed is cached; a leaf loss gets a fresh
+        one, since backward may adopt it as the leaf's .grad and accumulate into it.
+        """
+        if factor == 1.0:
+            return None
+        if factor != 1.0 / self.accumulation_steps or loss.grad_fn is None:
+            return torch.full_like(loss, factor)
+        key = (loss.dtype, loss.device, loss.shape)
+        seed = self._seed_cache.get(key)
+        if seed is None:
+            seed = self._seed_cache[key] = torch.full_like(loss, factor)
+        return seed
 
     def _on_optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._in_update:
@@ -266,8 +294,9 @@ class Accumulator:
         return None
 
     def _on_zero_grad(self, set_to_none: bool = True) -> None:
-        # Clearing is harmless only while nothing is accumulated (top-of-loop zero_grad).
-        if self._in_update or self._window.count == 0:
+        # Clearing is harmless only while nothing is accumulated (top-of-loop zero_grad),
+        # and needless right after the boundary cleared the gradients itself.
+        if self._in_update or (self._window.count == 0 and not self._grads_cleared):
             self._real_zero_grad(set_to_none=set_to_none)
 
     def _on_scheduler_step(self, *args: Any, **kwargs: Any) -> None:
@@ -306,13 +335,22 @@ class Accumulator:
         return [p.grad for p in self._params() if p.grad is not None]
 
     def _close_window(self) -> None:
-        factor_sum = self._window.factor_sum
-        if factor_sum != 1.0:
-            grads = self._grads()
-            if grads:
-                torch._foreach_div_(grads, factor_sum)
+        # The losses were scaled by r_i / K; this turns the sum into sum(r_i g_i) / sum(r_i).
+        # It is exactly 1 for a full window of equal weights.
+        correction = self.accumulation_steps / self._window.relative_weight_sum
+        grads = self._grads()
+        if self._checks_gradients_itself:
+            # Correct and look for inf/NaN in one pass; the update reads the verdict.
+            self._window_nonfinite = bool(grads) and self._finite_check(grads, correction)
+        elif correction != 1.0 and grads:
+            torch._foreach_mul_(grads, correction)
         self._window_ready = True
         self._ended_window = True
+
+    @property
+    def _checks_gradients_itself(self) -> bool:
+        # A scaler checks for inf/NaN itself, and clipping computes the total norm anyway.
+        return not self._scaler_enabled and self.max_grad_norm is None
 
     def _apply_update(self) -> None:
         self._in_update = True
@@ -325,6 +363,7 @@ class Accumulator:
                 if self.scheduler is not None:
                     self.scheduler.step()
             self._real_zero_grad(set_to_none=True)
+            self._grads_cleared = True
         finally:
             self._in_update = False
         self._end_window()
@@ -334,38 +373,42 @@ class Accumulator:
         self._last_loss = None
         self._window = Window()
         self._window_ready = False
+        self._window_nonfinite = False
         self._unscaled = False
 
     def _plain_update(self) -> bool:
         """Check, clip and step without a scaler; return whether the step was skipped."""
         params = [p for p in self._params() if p.grad is not None]
-        if not params:
-            self._real_step()
-            return False
-        total_norm = get_total_norm([p.grad for p in params])  # type: ignore[misc]
-        if not torch.isfinite(total_norm):
-            self._reject_nonfinite(params, float(total_norm))
+        total_norm = None
+        if self.max_grad_norm is not None and params:
+            total_norm = get_total_norm([p.grad for p in params])  # type: ignore[misc]
+            nonfinite = not bool(torch.isfinite(total_norm))
+        else:
+            nonfinite = self._window_nonfinite
+        if nonfinite:
+            self._reject_nonfinite(params)
             return True
-        if self.max_grad_norm is not None:
-            clip_grads_with_norm_(params, self.max_grad_norm, total_norm)
+        if total_norm is not None:
+            clip_grads_with_norm_(params, cast(float, self.max_grad_norm), total_norm)
         self._real_step()
         return False
 
-    def _reject_nonfinite(self, params: list[torch.Tensor], total_norm: float) -> None:
+    def _reject_nonfinite(self, params: list[torch.Tensor]) -> None:
+        names = self._nonfinite_parameter_names(params)
+        where = (
+            f"{len(names)} parameter(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        )
         if self.on_nonfinite == "raise":
-            names = self._nonfinite_parameter_names(params)
             self._real_zero_grad(set_to_none=True)
             self._end_window()
             raise RuntimeError(
-                f"non-finite gradient (total norm {total_norm}) in {len(names)} "
-                f"parameter(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
-                "the update was not applied and the gradients were cleared. Lower the "
-                "learning rate, check the inputs, or pass on_nonfinite='skip'"
+                f"non-finite gradient in {where}; the update was not applied and the "
+                "gradients were cleared. Lower the learning rate, check the inputs, or "
+                "pass on_nonfinite='skip'"
             )
         warnings.warn(
-            f"non-finite gradient (total norm {total_norm}): optimizer step "
-            f"{self.optimizer_steps + 1} skipped, gradients cleared "
-            f"({self.skipped_steps + 1} skipped so far)",
+            f"non-finite gradient in {where}: optimizer step {self.optimizer_steps + 1} "
+            f"skipped, gradients cleared ({self.skipped_steps + 1} skipped so far)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -461,6 +504,9 @@ class Accumulator:
         self.skipped_steps = int(state_dict["skipped_steps"])
         self._window = window
         self._window_ready = bool(state_dict["window_ready"])
+        grads = self._grads()
+        # The verdict is not saved: it is a function of the restored gradients.
+        self._window_nonfinite = self._window_ready and bool(grads) and self._finite_check(grads)
         last = state_dict["last_window"]
         self._last_window = None if last is None else Window.from_state_dict(last)
         self._last_loss = None
