@@ -1,0 +1,24 @@
+"""Every Python code block in README.md and docs/ runs as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+BLOCKS = [
+    pytest.param(code, id=f"{page.relative_to(ROOT)}:{index}")
+    for page in PAGES
+    for index, code in enumerate(CODE_BLOCK.findall(page.read_text()))
+]
+
+
+def test_the_pages_have_code_blocks():
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("code", BLOCKS)
+def test_code_block_runs(code):
+    exec(compile(code, "<docs>", "exec"), {"__name__": "__docs__"})

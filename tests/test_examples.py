@@ -1,0 +1,53 @@
+"""The examples and benchmarks run as documented and print a checkable result."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_quickstart_prints_match():
+    result = run("examples/quickstart.py")
+    assert result.returncode == 0, result.stderr
+    assert "MATCH: accumulated run vs full-batch run" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]) == 10
+
+
+def test_quickstart_float32_with_other_flags():
+    result = run(
+        "examples/quickstart.py",
+        "--dtype",
+        "float32",
+        "--accumulation-steps",
+        "8",
+        "--batch-size",
+        "64",
+        "--steps",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MATCH" in result.stdout
+
+
+def test_quickstart_rejects_bad_flags_with_the_fix():
+    result = run("examples/quickstart.py", "--accumulation-steps", "0")
+    assert result.returncode == 2
+    assert "--accumulation-steps: expected a positive integer, got 0" in result.stderr
+    result = run("examples/quickstart.py", "--batch-size", "30")
+    assert result.returncode == 2
+    assert "--batch-size 30 is not divisible by --accumulation-steps 4" in result.stderr
+
+
+def test_overhead_benchmark_smoke():
+    result = run("benchmarks/overhead.py", "--smoke")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "4", "8"]
+    assert all(float(row[3]) > 0 for row in rows)
