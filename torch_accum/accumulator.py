@@ -56,7 +56,8 @@ class Accumulator:
         accumulation_steps: micro-batches per optimizer step (1 disables accumulation).
         scheduler: LR scheduler of ``optimizer``, stepped once per real optimizer step and
             not for skipped steps. ``ReduceLROnPlateau`` is not accepted (it needs a metric).
-        scaler: a ``torch.amp.GradScaler``; :meth:`backward` scales the loss with it.
+        scaler: a ``torch.amp.GradScaler``; :meth:`backward` scales the loss with it, so
+            pass it the unscaled loss.
         max_grad_norm: clip the accumulated, unscaled gradient to this total 2-norm.
         partial_window: what leaving the block with fewer than ``accumulation_steps``
             micro-batches pending does: ``"apply"`` (default) one update averaged over
@@ -236,6 +237,20 @@ class Accumulator:
             weight: the micro-batch's share of the window, for example its number of
                 tokens when ``loss`` is a mean over tokens. The update is then the exact
                 weighted mean over the window. Defaults to 1 (all micro-batches equal).
+
+        Example:
+            >>> import torch
+            >>> from torch_accum import Accumulator
+            >>> model = torch.nn.Linear(2, 1)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> # Micro-batches of 3 and 1 samples, each loss a mean over its samples:
+            >>> batches = [torch.randn(3, 2), torch.randn(1, 2)]
+            >>> with Accumulator(model, optimizer, accumulation_steps=2) as acc:
+            ...     for x in batches:
+            ...         acc.backward(model(x).pow(2).mean(), weight=len(x))
+            ...         optimizer.step()
+            >>> acc.optimizer_steps
+            1
         """
         if not self._active:
             raise RuntimeError(
@@ -257,7 +272,7 @@ class Accumulator:
         loss_to_backward = loss if scaler is None else scaler.scale(loss)
         self._ended_window = False
         self._grads_cleared = False
-        loss_to_backward.backward(self._backward_seed(loss_to_backward, factor))
+        loss_to_backward.backward(self._backward_seed(loss_to_backward, factor))  # type: ignore[no-untyped-call]
         self._window.add(weight_value, relative_weight, loss)
         if self._window.count == self.accumulation_steps:
             self._close_window()
@@ -464,6 +479,21 @@ class Accumulator:
 
         Save it with the model, optimizer, scheduler and scaler state dicts; after
         :meth:`load_state_dict` a run resumed mid-window continues exactly.
+
+        Example:
+            >>> import torch
+            >>> from torch_accum import Accumulator
+            >>> model = torch.nn.Linear(2, 1)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> acc = Accumulator(model, optimizer, 4, partial_window="carry")
+            >>> with acc:
+            ...     acc.backward(model(torch.randn(3, 2)).pow(2).mean())
+            >>> # One micro-batch pending, saved with its gradients:
+            >>> state = acc.state_dict()
+            >>> resumed = Accumulator(model, optimizer, 4)
+            >>> resumed.load_state_dict(state)
+            >>> resumed.micro_step
+            1
         """
         if self._unscaled:
             raise RuntimeError(
