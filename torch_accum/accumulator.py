@@ -24,6 +24,7 @@ from torch_accum._validation import (
     check_weight,
 )
 from torch_accum._window import Window
+from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ class Accumulator:
             untouched, gradients cleared, counted in ``skipped_steps``, a warning) or raises
             a ``RuntimeError`` naming the parameters (``"raise"``). With a scaler, the
             scaler's skip and back-off apply instead.
+        checkpointing: run blocks of ``model`` under non-reentrant activation
+            checkpointing while the ``with`` block runs, trading a recomputed forward for
+            memory: ``True`` for the repeated blocks (same-class modules in an
+            ``nn.ModuleList``/``nn.Sequential``, e.g. transformer blocks), an ``nn.Module``
+            class or tuple of classes, or a callable ``module -> bool``. The wrapped blocks
+            are listed in :attr:`checkpointed_modules`. Default off.
 
     Example:
         >>> import torch
@@ -98,6 +105,7 @@ class Accumulator:
         max_grad_norm: float | None = None,
         partial_window: PartialWindow = "apply",
         on_nonfinite: OnNonFinite = "skip",
+        checkpointing: CheckpointPolicy | None = False,
     ) -> None:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer)
@@ -109,6 +117,11 @@ class Accumulator:
             "partial_window", partial_window, _PARTIAL_WINDOW_CHOICES
         )
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _ON_NONFINITE_CHOICES)
+        self._checkpointing = (
+            None
+            if checkpointing is None or checkpointing is False
+            else ActivationCheckpointing(self.model, checkpointing)
+        )
 
         self.optimizer_steps = 0
         self.skipped_steps = 0
@@ -159,6 +172,11 @@ class Accumulator:
         if self._last_loss is None:
             self._last_loss = self._last_window.mean_loss()
         return self._last_loss
+
+    @property
+    def checkpointed_modules(self) -> tuple[str, ...]:
+        """Qualified names of the blocks run under activation checkpointing in the block."""
+        return () if self._checkpointing is None else self._checkpointing.names
 
     @property
     def active(self) -> bool:
@@ -225,6 +243,8 @@ class Accumulator:
             self._real_scaler_step = replace(scaler, "step", self._on_scaler_step, self)
             self._real_scaler_update = replace(scaler, "update", self._on_scaler_update, self)
             self._real_unscale = replace(scaler, "unscale_", self._on_unscale, self)
+        if self._checkpointing is not None:
+            self._checkpointing.install(self._patches, self)
 
     # ------------------------------------------------------------------ the loop's calls
     def backward(
