@@ -51,3 +51,12 @@ def test_overhead_benchmark_smoke():
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "4", "8"]
     assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_memory_benchmark_smoke():
+    result = run("benchmarks/memory.py", "--smoke")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows[:2]] == ["1", "2"]
+    # Checkpointing lowers the peak even at these tiny sizes (column 8: peak ratio).
+    assert all(0 < float(row[8]) < 1 for row in rows)

@@ -4,7 +4,15 @@
 """
 
 from torch_accum.accumulator import Accumulator
+from torch_accum.checkpointing import CheckpointPolicy
+from torch_accum.memory import ActivationMemory, measure_activation_memory
 
 __version__ = "0.1.0"
 
-__all__ = ["Accumulator", "__version__"]
+__all__ = [
+    "Accumulator",
+    "ActivationMemory",
+    "CheckpointPolicy",
+    "__version__",
+    "measure_activation_memory",
+]
