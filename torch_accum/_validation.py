@@ -107,6 +107,23 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return str(value)
 
 
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_describe(value)}")
+    return value
+
+
+def check_optional_positive_int(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive int or None, got {_describe(value)}; pass e.g. "
+            f"{name}=len(loader), or None if it is not known"
+        )
+    return value
+
+
 def check_weight(weight: object) -> float:
     """Turn ``weight`` (number or one-element tensor) into a positive finite float."""
     if isinstance(weight, torch.Tensor):

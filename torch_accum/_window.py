@@ -23,7 +23,9 @@ class Window:
 
     def __init__(self) -> None:
         self.count = 0
+        # Single process: the first micro-batch's weight; across ranks: a shared one.
         self.reference_weight = 1.0
+        self.weighted = False
         self.relative_weights: list[float] = []
         self.losses: list[torch.Tensor] = []
 
@@ -31,13 +33,15 @@ class Window:
     def relative_weight_sum(self) -> float:
         return sum(self.relative_weights)
 
-    def relative_weight(self, weight: float) -> float:
-        """``weight`` relative to the window's first micro-batch (1.0 for the first)."""
-        return 1.0 if self.count == 0 else weight / self.reference_weight
+    @property
+    def weight_sum(self) -> float:
+        return self.reference_weight * self.relative_weight_sum
 
-    def add(self, weight: float, relative_weight: float, loss: torch.Tensor) -> None:
-        if self.count == 0:
-            self.reference_weight = weight
+    def relative_weight(self, weight: float) -> float:
+        """``weight`` relative to the window's reference weight (set at its first add)."""
+        return weight / self.reference_weight
+
+    def add(self, relative_weight: float, loss: torch.Tensor) -> None:
         self.count += 1
         self.relative_weights.append(relative_weight)
         self.losses.append(loss.detach())
@@ -57,6 +61,7 @@ class Window:
         return {
             "count": self.count,
             "reference_weight": self.reference_weight,
+            "weighted": self.weighted,
             "relative_weights": list(self.relative_weights),
             "losses": losses,
         }
@@ -66,6 +71,7 @@ class Window:
         window = cls()
         window.count = int(state["count"])
         window.reference_weight = float(state["reference_weight"])
+        window.weighted = bool(state.get("weighted", False))
         window.relative_weights = [float(w) for w in state["relative_weights"]]
         window.losses = list(state["losses"].unbind(0))
         if not (len(window.relative_weights) == len(window.losses) == window.count):

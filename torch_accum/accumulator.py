@@ -15,16 +15,19 @@ from torch_accum._patching import MethodPatches, patch_owner
 from torch_accum._validation import (
     check_accumulation_steps,
     check_choice,
+    check_flag,
     check_loss,
     check_max_grad_norm,
     check_model,
     check_optimizer,
+    check_optional_positive_int,
     check_scaler,
     check_scheduler,
     check_weight,
 )
 from torch_accum._window import Window
 from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
+from torch_accum.distributed import GradientSync
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,8 @@ class Accumulator:
         partial_window: PartialWindow = "apply",
         on_nonfinite: OnNonFinite = "skip",
         checkpointing: CheckpointPolicy | None = False,
+        sync_each_micro_batch: bool = False,
+        total_micro_batches: int | None = None,
     ) -> None:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer)
@@ -117,6 +122,11 @@ class Accumulator:
             "partial_window", partial_window, _PARTIAL_WINDOW_CHOICES
         )
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _ON_NONFINITE_CHOICES)
+        self.sync_each_micro_batch = check_flag("sync_each_micro_batch", sync_each_micro_batch)
+        self.total_micro_batches = check_optional_positive_int(
+            "total_micro_batches", total_micro_batches
+        )
+        self._sync = GradientSync.for_model(self.model, self.sync_each_micro_batch)
         self._checkpointing = (
             None
             if checkpointing is None or checkpointing is False
@@ -135,6 +145,9 @@ class Accumulator:
         self._unscaled = False
         # Whether the ready window holds inf/NaN, when _close_window checked it.
         self._window_nonfinite = False
+        # The micro-batches of the window so far were synchronised across ranks.
+        self._window_synced = False
+        self._block_micro_batches = 0
         # The boundary has just cleared the gradients; the loop's zero_grad() can skip it.
         self._grads_cleared = False
         # True while the real update runs, so the patched methods pass calls through.
@@ -205,9 +218,12 @@ class Accumulator:
             )
         try:
             self._install_patches()
+            if self._sync is not None:
+                self._sync.enter(self._next_is_last)
         except BaseException:
-            self._patches.restore()
+            self._restore()
             raise
+        self._block_micro_batches = 0
         self._active = True
         return self
 
@@ -224,6 +240,13 @@ class Accumulator:
                 self._finish_pending_window()
         finally:
             self._active = False
+            self._restore()
+
+    def _restore(self) -> None:
+        try:
+            if self._sync is not None:
+                self._sync.exit()
+        finally:
             self._patches.restore()
 
     def _install_patches(self) -> None:
@@ -284,18 +307,40 @@ class Accumulator:
             )
         loss = check_loss(loss)
         weight_value = 1.0 if weight is None else check_weight(weight)
-        relative_weight = self._window.relative_weight(weight_value)
+        window = self._window
+        if window.count == 0:
+            window.weighted = weight is not None
+            window.reference_weight = self._reference_weight(weight_value, window.weighted)
+        relative_weight = window.relative_weight(weight_value)
         # Weighting the loss costs nothing in backward; the boundary corrects for what the
         # weights of later micro-batches turn out to be (see _window.py).
         factor = relative_weight / self.accumulation_steps
         scaler = self.scaler if self._scaler_enabled else None
         loss_to_backward = loss if scaler is None else scaler.scale(loss)
+        synchronising = self._next_is_last() or self.sync_each_micro_batch
+        if self._sync is not None:
+            self._sync.before_backward(synchronising)
         self._ended_window = False
         self._grads_cleared = False
         loss_to_backward.backward(self._backward_seed(loss_to_backward, factor))  # type: ignore[no-untyped-call]
-        self._window.add(weight_value, relative_weight, loss)
-        if self._window.count == self.accumulation_steps:
+        window.add(relative_weight, loss)
+        self._window_synced = synchronising
+        self._block_micro_batches += 1
+        if window.count == self.accumulation_steps:
             self._close_window()
+
+    def _next_is_last(self) -> bool:
+        """Whether the next micro-batch ends a window (or the block, when its length is known)."""
+        return self._window.count + 1 == self.accumulation_steps or (
+            self.total_micro_batches is not None
+            and self._block_micro_batches + 1 == self.total_micro_batches
+        )
+
+    def _reference_weight(self, first_weight: float, weighted: bool) -> float:
+        if self._sync is None:
+            return first_weight
+        # Across ranks the relative weights must share one reference (distributed.py).
+        return self._sync.shared_reference(first_weight) if weighted else 1.0
 
     def _backward_seed(self, loss: torch.Tensor, factor: float) -> torch.Tensor | None:
         """The gradient to start backward from: ``factor`` instead of 1.
@@ -374,13 +419,33 @@ class Accumulator:
         # It is exactly 1 for a full window of equal weights.
         correction = self.accumulation_steps / self._window.relative_weight_sum
         grads = self._grads()
+        if self._sync is not None:
+            correction = self._synchronise_window(grads)
         if self._checks_gradients_itself:
             # Correct and look for inf/NaN in one pass; the update reads the verdict.
-            self._window_nonfinite = bool(grads) and self._finite_check(grads, correction)
+            nonfinite = bool(grads) and self._finite_check(grads, correction)
+            self._window_nonfinite = (
+                nonfinite if self._sync is None else self._sync.any_rank(nonfinite)
+            )
         elif correction != 1.0 and grads:
             torch._foreach_mul_(grads, correction)
         self._window_ready = True
         self._ended_window = True
+
+    def _synchronise_window(self, grads: list[torch.Tensor]) -> float:
+        """Average a window that ended unsynchronised; return the uniform correction."""
+        sync = cast(GradientSync, self._sync)
+        window = self._window
+        if not self._window_synced:
+            sync.average_pending(grads)
+            self._window_synced = True
+        if not window.weighted:
+            # Every rank ran the same count (checked by sync.agree): K / count everywhere.
+            return self.accumulation_steps / window.count
+        # Averaged over R ranks the gradient is sum(w g) / (R K w_ref); make it sum(w g) / W.
+        total = sync.global_sum(window.weight_sum)
+        sync.shared_reference_weight = total / (sync.world_size * window.count)
+        return self.accumulation_steps * window.reference_weight * sync.world_size / total
 
     @property
     def _checks_gradients_itself(self) -> bool:
@@ -476,6 +541,8 @@ class Accumulator:
         return skipped
 
     def _finish_pending_window(self) -> None:
+        if self._sync is not None:
+            self._sync.agree(finishing=True, pending=self._window.count)
         if self._window_ready:
             self._apply_update()
             return

@@ -1,0 +1,298 @@
+"""Code that runs inside the 2-rank gloo process groups of test_distributed.py.
+
+Every rank trains the same model (same seed) on its own slice of one global batch; results
+go to ``OUT/rank{r}.pt`` for the test process to compare with single-process references.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from torch_accum import Accumulator
+from torch_accum.distributed import UnevenInputsError
+
+FEATURES = 6
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(FEATURES, 16)
+        self.blocks = nn.ModuleList(Block(16) for _ in range(2))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_net() -> Net:
+    return Net().double()
+
+
+def global_batches(steps: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(size, FEATURES, generator=generator, dtype=torch.float64),
+            torch.randn(size, 1, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(steps)
+    ]
+
+
+def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def rank_micro_batches(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world: int, k: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's K micro-batches of every global batch, in training order."""
+    out = []
+    for x, y in batches:
+        mine_x, mine_y = x.chunk(world)[rank], y.chunk(world)[rank]
+        out.extend(zip(mine_x.chunk(k), mine_y.chunk(k), strict=True))
+    return out
+
+
+def counting_hook(counter: list[int]) -> Callable[..., Any]:
+    # No annotations: DDP checks them, and `from __future__ import annotations` makes them str.
+    def hook(state, bucket):  # type: ignore[no-untyped-def]
+        counter.append(bucket.buffer().numel())
+        tensor = bucket.buffer().div_(dist.get_world_size())
+        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    return hook
+
+
+def ddp_model(counter: list[int] | None = None) -> DDP:
+    model = DDP(make_net())
+    if counter is not None:
+        model.register_comm_hook(None, counting_hook(counter))
+    return model
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------------------- scenarios
+def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    k, b, steps = 4, 2, 3
+    batches = global_batches(steps, world * k * b)
+    micro = rank_micro_batches(batches, rank, world, k)
+
+    for optimizer_name in ("sgd", "adamw"):
+        for checkpointing in (False, True):
+            syncs: list[int] = []
+            model = ddp_model(syncs)
+            optimizer = make_optimizer(optimizer_name, model.parameters())
+            acc = Accumulator(model, optimizer, k, checkpointing=checkpointing)
+            first_grads = None
+            with acc:
+                for x, y in micro:
+                    acc.backward(nn.functional.mse_loss(model(x), y))
+                    if first_grads is None:
+                        first_grads = [p.grad.clone() for p in model.parameters()]
+                    optimizer.step()
+                    optimizer.zero_grad()
+            results[f"exact/{optimizer_name}/{checkpointing}"] = params_of(model.module)
+            results[f"syncs/{optimizer_name}/{checkpointing}"] = (len(syncs), acc.optimizer_steps)
+            results["first_grads"] = first_grads
+            results["flag_after"] = model.require_backward_grad_sync
+            results["hooks_after"] = len(model._forward_pre_hooks)
+
+    # The naive loop: every micro-batch synchronises.
+    syncs = []
+    model = ddp_model(syncs)
+    optimizer = make_optimizer("sgd", model.parameters())
+    for index, (x, y) in enumerate(micro):
+        (nn.functional.mse_loss(model(x), y) / k).backward()
+        if (index + 1) % k == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    results["syncs/naive"] = len(syncs)
+
+    # Weighted: micro-batches of different sizes on the two ranks, token-style mean loss.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    sizes = [[1, 5, 2, 4], [3, 3, 6, 1]][rank]
+    x, y = global_batches(1, 64)[0]
+    offset = 0 if rank == 0 else 12
+    with Accumulator(model, optimizer, 4) as acc:
+        for size in sizes:
+            mx, my = x[offset : offset + size], y[offset : offset + size]
+            offset += size
+            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size)
+            optimizer.step()
+    results["weighted"] = params_of(model.module)
+
+    # A partial window at the end: 6 micro-batches with K=4, windows of 4 and 2.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, 4) as acc:
+        for x, y in micro[:6]:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+    results["partial"] = (params_of(model.module), acc.optimizer_steps)
+
+    # The same, with the block's length known: the last micro-batch synchronises in backward.
+    syncs = []
+    model = ddp_model(syncs)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, 4, total_micro_batches=6) as acc:
+        for x, y in micro[:6]:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+    results["partial_known_length"] = (params_of(model.module), len(syncs))
+
+    # An error in the body restores DDP's flag and removes the hook.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    try:
+        with Accumulator(model, optimizer, 4):
+            model(micro[0][0])
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    results["restored_after_error"] = (
+        model.require_backward_grad_sync,
+        len(model._forward_pre_hooks),
+    )
+
+    # Uneven inputs: rank 0 runs 7 micro-batches, rank 1 runs 5.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(model, optimizer, 4)
+    try:
+        with acc:
+            for x, y in micro[: 7 if rank == 0 else 5]:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+                optimizer.step()
+        results["uneven"] = None
+    except UnevenInputsError as error:
+        results["uneven"] = str(error)
+    return results
+
+
+def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    k, b, steps = 4, 2, 2
+    batches = global_batches(steps, world * k * b)
+    micro = rank_micro_batches(batches, rank, world, k)
+    results: dict[str, Any] = {}
+
+    def sharded() -> nn.Module:
+        model = make_net()
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def full_params(model: nn.Module) -> list[torch.Tensor]:
+        return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+    for sync_each in (False, True):
+        model = sharded()
+        optimizer = make_optimizer("adamw", model.parameters())
+        with Accumulator(model, optimizer, k, sync_each_micro_batch=sync_each) as acc:
+            for x, y in micro:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+        results[f"exact/{sync_each}"] = (full_params(model), acc.optimizer_steps)
+
+    model = sharded()
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, 4, total_micro_batches=6) as acc:
+        for x, y in micro[:6]:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+    results["partial_known_length"] = (full_params(model), acc.optimizer_steps)
+
+    model = sharded()
+    optimizer = make_optimizer("sgd", model.parameters())
+    try:
+        with Accumulator(model, optimizer, 4) as acc:
+            for x, y in micro[:6]:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+                optimizer.step()
+        results["partial_unknown_length"] = None
+    except RuntimeError as error:
+        results["partial_unknown_length"] = str(error)
+    return results
+
+
+# ----------------------------------------------------------------------------- launching
+def _entry(scenario: str, rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        result = globals()[scenario](rank, world)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(scenario: str, out: Path, world: int = 2, timeout: float = 180) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` gloo ranks; return each rank's results, bounded in time."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [
+        context.Process(target=_entry, args=(scenario, rank, world, port, str(out)))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+    hung = [p for p in processes if p.is_alive()]
+    for process in hung:
+        process.kill()
+    errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
+    if hung:
+        raise TimeoutError(f"{scenario}: ranks still running after {timeout} s\n{errors}")
+    if any(p.exitcode != 0 for p in processes):
+        raise RuntimeError(f"{scenario} failed:\n{errors}")
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]

@@ -1,0 +1,131 @@
+"""DDP and FSDP2 on 2 CPU ranks (gloo, loopback): exact, one all-reduce per step, no hangs."""
+
+import pytest
+import torch
+from distributed_workers import (
+    global_batches,
+    launch,
+    make_net,
+    make_optimizer,
+    rank_micro_batches,
+)
+from torch import nn
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without distributed"
+)
+
+TOL = {"rtol": 1e-10, "atol": 1e-12}  # float64: only summation order differs
+K, B, STEPS = 4, 2, 3
+
+
+def reference(optimizer_name, batches):
+    """One process, one optimizer step per global batch of 2*K*B samples."""
+    model = make_net()
+    optimizer = make_optimizer(optimizer_name, model.parameters())
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return launch("ddp_scenarios", tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_ddp_equals_one_full_batch_process(ddp, optimizer_name, checkpointing):
+    expected = reference(optimizer_name, global_batches(STEPS, 2 * K * B))
+    for rank in ddp:
+        got = rank[f"exact/{optimizer_name}/{checkpointing}"]
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_one_gradient_all_reduce_per_optimizer_step(ddp):
+    for rank in ddp:
+        for key in ("syncs/sgd/False", "syncs/adamw/True"):
+            syncs, steps = rank[key]
+            assert (syncs, steps) == (STEPS, STEPS)  # one bucket: one all-reduce per step
+        assert rank["syncs/naive"] == K * STEPS
+
+
+def test_ranks_gradients_differ_between_boundaries(ddp):
+    first = [rank["first_grads"] for rank in ddp]
+    assert any(not torch.equal(a, b) for a, b in zip(*first, strict=True))
+
+
+def test_ddp_flags_and_hooks_are_restored(ddp):
+    for rank in ddp:
+        assert rank["flag_after"] is True
+        assert rank["hooks_after"] == 0
+        assert rank["restored_after_error"] == (True, 0)
+
+
+def test_weighted_gives_the_global_mean_over_all_ranks(ddp):
+    # Rank 0 holds samples 0..11 in micro-batches of 1, 5, 2, 4; rank 1 samples 12..24.
+    x, y = global_batches(1, 64)[0]
+    model = make_net()
+    optimizer = make_optimizer("sgd", model.parameters())
+    nn.functional.mse_loss(model(x[:25]), y[:25]).backward()
+    optimizer.step()
+    for rank in ddp:
+        for a, b in zip(rank["weighted"], model.parameters(), strict=True):
+            torch.testing.assert_close(a, b.detach(), **TOL)
+
+
+@pytest.mark.parametrize("key", ["partial", "partial_known_length"])
+def test_a_final_partial_window_is_exact(ddp, key):
+    # 6 micro-batches per rank with K=4: a window of 4 and one of 2, on both ranks.
+    per_rank = [rank_micro_batches(global_batches(STEPS, 2 * K * B), r, 2, K)[:6] for r in (0, 1)]
+    windows = [
+        tuple(torch.cat([t[i] for r in (0, 1) for t in per_rank[r][part]]) for i in (0, 1))
+        for part in (slice(0, 4), slice(4, 6))
+    ]
+    expected = reference("sgd", windows)
+    for rank in ddp:
+        params = rank[key][0]
+        for a, b in zip(params, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+    assert ddp[0]["partial"][1] == 2  # optimizer steps
+    assert ddp[0]["partial_known_length"][1] == 2  # both windows synchronised in backward
+
+
+def test_uneven_inputs_raise_on_every_rank(ddp):
+    for rank in ddp:
+        assert rank["uneven"] is not None
+        assert "ranks ran different numbers of micro-batches" in rank["uneven"]
+
+
+# FSDP2 on CPU fails in torch 2.6 ("'Stream' object has no attribute 'record_event'");
+# torch 2.13, which CI pins, runs it.
+fsdp2_on_cpu = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
+    reason="FSDP2 on CPU needs a newer torch than this one (tested with 2.13)",
+)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    return launch("fsdp_scenarios", tmp_path_factory.mktemp("fsdp"))
+
+
+@fsdp2_on_cpu
+@pytest.mark.parametrize("sync_each", [False, True])
+def test_fsdp2_equals_one_full_batch_process(fsdp, sync_each):
+    expected = reference("adamw", global_batches(2, 2 * K * B))
+    for rank in fsdp:
+        params, steps = rank[f"exact/{sync_each}"]
+        assert steps == 2
+        for a, b in zip(params, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@fsdp2_on_cpu
+def test_fsdp2_partial_window_needs_the_length(fsdp):
+    for rank in fsdp:
+        assert rank["partial_known_length"][1] == 2
+        assert "pass total_micro_batches=len(loader)" in rank["partial_unknown_length"]

@@ -1,0 +1,159 @@
+"""Gradient synchronisation across processes: once per optimizer step, not per micro-batch.
+
+Under ``DistributedDataParallel`` the gradient all-reduce is switched off for every
+micro-batch but the one that ends a window (``require_backward_grad_sync``, set in a forward
+pre-hook because DDP reads it in ``forward``); under FSDP2 (``fully_shard``) the same through
+``set_requires_gradient_sync`` before each backward. Before every synchronising micro-batch
+and when the ``with`` block ends, the ranks compare how far they have come in one small
+all-reduce, so that ranks with uneven numbers of micro-batches raise an error instead of
+hanging in mismatched collectives.
+
+Token weights stay exact across ranks: every rank weights its losses relative to one
+reference weight that all ranks share (for the first window the mean of the ranks' first
+weights, later the previous window's mean), so after the usual averaging of gradients the
+window needs one uniform correction, for which the ranks sum their weights once per window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+try:  # public from torch 2.6 on
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - torch built without distributed
+    FSDPModule = ()  # type: ignore[assignment,misc]
+
+
+class UnevenInputsError(RuntimeError):
+    """Ranks ran different numbers of micro-batches inside the same ``with`` block."""
+
+
+class GradientSync:
+    """Synchronisation control for a DDP- or FSDP2-wrapped model in one ``with`` block."""
+
+    def __init__(self, model: nn.Module, sync_each_micro_batch: bool) -> None:
+        self.model = model
+        self.sync_each_micro_batch = sync_each_micro_batch
+        self.is_ddp = isinstance(model, DistributedDataParallel)
+        group = getattr(model, "process_group", None) if self.is_ddp else None
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.device = next(model.parameters()).device
+        if self.device.type == "meta":  # pragma: no cover - defensive
+            self.device = torch.device("cpu")
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._saved_ddp_flag = True
+        self.shared_reference_weight: float | None = None
+
+    @staticmethod
+    def for_model(model: nn.Module, sync_each_micro_batch: bool) -> GradientSync | None:
+        """A GradientSync when ``model`` is wrapped by DDP or FSDP2, else None."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if isinstance(model, (DistributedDataParallel, FSDPModule)):
+            return GradientSync(model, sync_each_micro_batch)
+        return None
+
+    # ------------------------------------------------------------------ the block
+    def enter(self, next_is_last: Callable[[], bool]) -> None:
+        """Install the DDP forward pre-hook; ``next_is_last()`` says if a window ends."""
+        if not self.is_ddp:
+            return
+        ddp = self.model
+        self._saved_ddp_flag = bool(ddp.require_backward_grad_sync)
+
+        def before_forward(module: nn.Module, args: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
+            last = next_is_last()
+            if last:
+                self.agree(finishing=False, pending=-1)
+            ddp.require_backward_grad_sync = last or self.sync_each_micro_batch
+
+        self._hook = ddp.register_forward_pre_hook(before_forward)
+
+    def exit(self) -> None:
+        """Restore the flags and remove the hook (runs in ``finally``)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.is_ddp:
+            self.model.require_backward_grad_sync = self._saved_ddp_flag
+        else:
+            self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    def before_backward(self, last: bool) -> None:
+        if not self.is_ddp:
+            self.model.set_requires_gradient_sync(  # type: ignore[operator]
+                last or self.sync_each_micro_batch
+            )
+
+    # ------------------------------------------------------------------ collectives
+    def agree(self, *, finishing: bool, pending: int) -> None:
+        """All ranks check that they stand at the same point; raise if they do not.
+
+        Called before every synchronising micro-batch (``finishing=False``) and when the
+        block ends (``finishing=True`` with the number of pending micro-batches).
+        """
+        state = torch.tensor(
+            [finishing, -finishing, pending, -pending], dtype=torch.int64, device=self.device
+        )
+        dist.all_reduce(state, op=dist.ReduceOp.MAX, group=self.group)
+        any_finishing, all_finishing = bool(state[0]), int(-state[1]) == 1
+        if any_finishing != all_finishing or int(state[2]) != -int(state[3]):
+            where = "its data ran out" if finishing else "it is about to synchronise gradients"
+            raise UnevenInputsError(
+                f"ranks ran different numbers of micro-batches: on rank "
+                f"{dist.get_rank(self.group)} {where}, while another rank "
+                f"{'is still training' if finishing else 'has left the with block'} "
+                "(or has a different number of pending micro-batches). Give every rank the "
+                "same number of micro-batches, e.g. with DistributedSampler(drop_last=True)"
+            )
+
+    def shared_reference(self, first_weight: float) -> float:
+        """A reference weight that is the same on all ranks (see the module docstring)."""
+        if self.shared_reference_weight is None:
+            total = torch.tensor([first_weight], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total, group=self.group)
+            self.shared_reference_weight = float(total) / self.world_size
+        return self.shared_reference_weight
+
+    def global_sum(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return float(total)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (FSDP2 ranks each see a shard of the grads)."""
+        if self.is_ddp:
+            return flag  # DDP gradients are identical on all ranks after the sync
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value)
+
+    def average_pending(self, grads: list[torch.Tensor]) -> None:
+        """Average the gradients of a window that ended without DDP's synchronisation."""
+        if not self.is_ddp:
+            raise RuntimeError(
+                "a partial window is pending at the end of the with block, but FSDP2 keeps "
+                "unsynchronised gradients internally and cannot reduce them without a "
+                "backward pass; pass total_micro_batches=len(loader) to the Accumulator so "
+                "that the last micro-batch synchronises, or sync_each_micro_batch=True"
+            )
+        by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for grad in grads:
+            by_kind.setdefault((grad.dtype, grad.device), []).append(grad)
+        for tensors in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat, group=self.group)
+            flat /= self.world_size
+            chunks = flat.split([t.numel() for t in tensors])
+            torch._foreach_copy_(
+                tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)]
+            )
