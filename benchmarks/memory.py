@@ -10,7 +10,7 @@ retained after the forward and the peak over forward+backward, measured on any d
 torch_accum.measure_activation_memory; on CUDA also torch.cuda.max_memory_allocated) and
 the time of one optimizer step (K micro-batches), the two settings timed in alternating
 order. A torchvision ResNet-18 gets the same table when torchvision is importable. The plot
-goes to benchmarks/memory.png.
+goes to docs/images/memory.png.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=128, help="GPT sequence length")
     parser.add_argument("--image-size", type=int, default=64, help="ResNet input side")
     parser.add_argument("--repetitions", type=int, default=5, help="timed steps per setting")
-    parser.add_argument("--plot", type=Path, default=HERE / "memory.png")
+    parser.add_argument("--plot", type=Path, default=HERE.parent / "docs" / "images" / "memory.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, no plot; for CI")
     args = parser.parse_args(argv)
     if args.smoke:
