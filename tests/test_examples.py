@@ -60,3 +60,35 @@ def test_memory_benchmark_smoke():
     assert [row[0] for row in rows[:2]] == ["1", "2"]
     # Checkpointing lowers the peak even at these tiny sizes (field 7: the peak ratio).
     assert all(0 < float(row[7]) < 1 for row in rows)
+
+
+def test_ddp_example_under_torchrun_with_two_ranks():
+    result = run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "examples/ddp.py",
+        "--epochs",
+        "1",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stdout
+    assert "epoch 1: 16 optimizer steps" in result.stdout
+    assert "OK: parameters identical on all 2 rank(s)" in result.stdout
+
+
+def test_ddp_example_rejects_bad_flags():
+    result = run("examples/ddp.py", "--micro-batch-size", "0")
+    assert result.returncode == 2
+    assert "--micro-batch-size: expected a positive integer, got 0" in result.stderr
+
+
+def test_ddp_benchmark_smoke():
+    result = run("benchmarks/ddp.py", "--smoke", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "4"]
+    # The count ratio (field 10) is exactly K.
+    assert [float(row[10]) for row in rows] == [1.0, 4.0]

@@ -78,6 +78,13 @@ class Accumulator:
             ``nn.ModuleList``/``nn.Sequential``, e.g. transformer blocks), an ``nn.Module``
             class or tuple of classes, or a callable ``module -> bool``. The wrapped blocks
             are listed in :attr:`checkpointed_modules`. Default off.
+        sync_each_micro_batch: under DDP or FSDP2 (detected from ``model``), synchronise
+            gradients on every micro-batch instead of once per window: K times the
+            communication, but FSDP2 then keeps only sharded gradients. Default False.
+        total_micro_batches: how many micro-batches each ``with`` block runs (e.g.
+            ``len(loader)``), if known. Under DDP/FSDP2 the block's last micro-batch then
+            synchronises in its backward even when it ends a partial window; without it
+            DDP all-reduces a pending partial window on exit, and FSDP2 cannot (it raises).
 
     Example:
         >>> import torch
