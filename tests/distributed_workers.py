@@ -233,6 +233,32 @@ def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
                 optimizer.zero_grad()
         results[f"exact/{sync_each}"] = (full_params(model), acc.optimizer_steps)
 
+    # Weighted: micro-batches of different sizes on the two ranks (as in ddp_scenarios).
+    model = sharded()
+    optimizer = make_optimizer("sgd", model.parameters())
+    sizes = [[1, 5, 2, 4], [3, 3, 6, 1]][rank]
+    x, y = global_batches(1, 64)[0]
+    offset = 0 if rank == 0 else 12
+    with Accumulator(model, optimizer, 4) as acc:
+        for size in sizes:
+            mx, my = x[offset : offset + size], y[offset : offset + size]
+            offset += size
+            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size)
+            optimizer.step()
+    results["weighted"] = full_params(model)
+
+    # An error mid-window switches gradient synchronisation back on.
+    model = sharded()
+    optimizer = make_optimizer("sgd", model.parameters())
+    try:
+        with Accumulator(model, optimizer, 4) as acc:
+            acc.backward(nn.functional.mse_loss(model(micro[0][0]), micro[0][1]))
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    nn.functional.mse_loss(model(micro[1][0]), micro[1][1]).backward()
+    results["synchronises_after_error"] = all(p.grad is not None for p in model.parameters())
+
     model = sharded()
     optimizer = make_optimizer("sgd", model.parameters())
     with Accumulator(model, optimizer, 4, total_micro_batches=6) as acc:

@@ -98,3 +98,21 @@ def test_early_stop_recomputes_at_most_the_forward():
     _, plain_backward, blocks_forward = flops(checkpointing=False)
     _, backward, _ = flops(checkpointing=True)
     assert plain_backward < backward <= plain_backward + blocks_forward
+
+
+def test_wrapping_the_blocks_children_keeps_far_more_memory():
+    # The pitfall: checkpointing attention and MLP separately still stores everything
+    # between them (the norms, residual sums and the inputs of each child).
+    def retained(policy):
+        model = make_gpt()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        tokens = tokens_of(8)
+        with Accumulator(model, optimizer, 1, checkpointing=policy):
+            memory = measure_activation_memory(
+                lambda: lm_loss(model, tokens), parameters=model.parameters()
+            )
+        return memory.retained_after_forward
+
+    blocks = retained(True)
+    children = retained(lambda m: isinstance(m, (torch.nn.MultiheadAttention, torch.nn.Sequential)))
+    assert children >= 2 * blocks

@@ -129,3 +129,16 @@ def test_fsdp2_partial_window_needs_the_length(fsdp):
     for rank in fsdp:
         assert rank["partial_known_length"][1] == 2
         assert "pass total_micro_batches=len(loader)" in rank["partial_unknown_length"]
+
+
+@fsdp2_on_cpu
+def test_fsdp2_weighted_gives_the_global_mean_and_sync_is_restored(fsdp):
+    x, y = global_batches(1, 64)[0]
+    model = make_net()
+    optimizer = make_optimizer("sgd", model.parameters())
+    nn.functional.mse_loss(model(x[:25]), y[:25]).backward()
+    optimizer.step()
+    for rank in fsdp:
+        for a, b in zip(rank["weighted"], model.parameters(), strict=True):
+            torch.testing.assert_close(a, b.detach(), **TOL)
+        assert rank["synchronises_after_error"]
