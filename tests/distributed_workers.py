@@ -103,6 +103,33 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+WEIGHTED_SIZES = [[1, 5, 2, 4], [3, 3, 6, 1]]  # samples per micro-batch on rank 0 and 1
+
+
+def train_weighted(model: nn.Module, rank: int) -> None:
+    """One window of micro-batches of different sizes on the two ranks, weight = size."""
+    optimizer = make_optimizer("sgd", model.parameters())
+    x, y = global_batches(1, 64)[0]
+    offset = sum(WEIGHTED_SIZES[0]) if rank else 0
+    with Accumulator(model, optimizer, 4) as acc:
+        for size in WEIGHTED_SIZES[rank]:
+            mx, my = x[offset : offset + size], y[offset : offset + size]
+            offset += size
+            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size)
+            optimizer.step()
+
+
+def weighted_reference() -> list[torch.Tensor]:
+    """One process, one step on all the samples the two ranks saw in train_weighted."""
+    x, y = global_batches(1, 64)[0]
+    seen = sum(map(sum, WEIGHTED_SIZES))
+    model = make_net()
+    optimizer = make_optimizer("sgd", model.parameters())
+    nn.functional.mse_loss(model(x[:seen]), y[:seen]).backward()
+    optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
 # ----------------------------------------------------------------------------- scenarios
 def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
@@ -141,18 +168,8 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
             optimizer.zero_grad()
     results["syncs/naive"] = len(syncs)
 
-    # Weighted: micro-batches of different sizes on the two ranks, token-style mean loss.
     model = ddp_model()
-    optimizer = make_optimizer("sgd", model.parameters())
-    sizes = [[1, 5, 2, 4], [3, 3, 6, 1]][rank]
-    x, y = global_batches(1, 64)[0]
-    offset = 0 if rank == 0 else 12
-    with Accumulator(model, optimizer, 4) as acc:
-        for size in sizes:
-            mx, my = x[offset : offset + size], y[offset : offset + size]
-            offset += size
-            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size)
-            optimizer.step()
+    train_weighted(model, rank)
     results["weighted"] = params_of(model.module)
 
     # A partial window at the end: 6 micro-batches with K=4, windows of 4 and 2.
@@ -233,18 +250,8 @@ def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
                 optimizer.zero_grad()
         results[f"exact/{sync_each}"] = (full_params(model), acc.optimizer_steps)
 
-    # Weighted: micro-batches of different sizes on the two ranks (as in ddp_scenarios).
     model = sharded()
-    optimizer = make_optimizer("sgd", model.parameters())
-    sizes = [[1, 5, 2, 4], [3, 3, 6, 1]][rank]
-    x, y = global_batches(1, 64)[0]
-    offset = 0 if rank == 0 else 12
-    with Accumulator(model, optimizer, 4) as acc:
-        for size in sizes:
-            mx, my = x[offset : offset + size], y[offset : offset + size]
-            offset += size
-            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size)
-            optimizer.step()
+    train_weighted(model, rank)
     results["weighted"] = full_params(model)
 
     # An error mid-window switches gradient synchronisation back on.
