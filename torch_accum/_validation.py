@@ -124,6 +124,17 @@ def check_optional_positive_int(name: str, value: object) -> int | None:
     return value
 
 
+def check_micro_batch_size(value: object) -> int | str | None:
+    if value is None or value == "auto":
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"micro_batch_size must be a positive int, 'auto' or None, got {_describe(value)}; "
+            "pass e.g. micro_batch_size=8, or 'auto' to find the largest that fits"
+        )
+    return value
+
+
 def check_weight(weight: object) -> float:
     """Turn ``weight`` (number or one-element tensor) into a positive finite float."""
     if isinstance(weight, torch.Tensor):

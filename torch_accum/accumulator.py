@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, cast
 
@@ -18,6 +20,7 @@ from torch_accum._validation import (
     check_flag,
     check_loss,
     check_max_grad_norm,
+    check_micro_batch_size,
     check_model,
     check_optimizer,
     check_optional_positive_int,
@@ -28,6 +31,8 @@ from torch_accum._validation import (
 from torch_accum._window import Window
 from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
 from torch_accum.distributed import GradientSync
+from torch_accum.memory import measure_activation_memory
+from torch_accum.microbatch import MicroBatchSize, batch_size_of, split_batch
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +113,7 @@ class Accumulator:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        accumulation_steps: int,
+        accumulation_steps: int = 1,
         *,
         scheduler: Any = None,
         scaler: torch.amp.GradScaler | None = None,
@@ -118,6 +123,10 @@ class Accumulator:
         checkpointing: CheckpointPolicy | None = False,
         sync_each_micro_batch: bool = False,
         total_micro_batches: int | None = None,
+        micro_batch_size: int | Literal["auto"] | None = None,
+        max_micro_batch_size: int | None = None,
+        memory_budget: int | None = None,
+        probe_up_after: int | None = None,
     ) -> None:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer)
@@ -134,6 +143,18 @@ class Accumulator:
             "total_micro_batches", total_micro_batches
         )
         self._sync = GradientSync.for_model(self.model, self.sync_each_micro_batch)
+        micro_batch_size = check_micro_batch_size(micro_batch_size)
+        max_micro_batch_size = check_optional_positive_int(
+            "max_micro_batch_size", max_micro_batch_size
+        )
+        self.memory_budget = check_optional_positive_int("memory_budget", memory_budget)
+        probe_up_after = check_optional_positive_int("probe_up_after", probe_up_after)
+        if micro_batch_size != "auto" and (memory_budget or max_micro_batch_size or probe_up_after):
+            raise ValueError(
+                "memory_budget, max_micro_batch_size and probe_up_after apply to "
+                f"micro_batch_size='auto', but micro_batch_size={micro_batch_size!r}; pass "
+                "micro_batch_size='auto' or leave them out"
+            )
         self._checkpointing = (
             None
             if checkpointing is None or checkpointing is False
@@ -162,7 +183,18 @@ class Accumulator:
         self._active = False
         self._patches = MethodPatches()
         self._finite_check = FiniteCheck()
-        self._seed_cache: dict[tuple[torch.dtype, torch.device, torch.Size], torch.Tensor] = {}
+        # Micro-batches per window: accumulation_steps, or the split of step_batch().
+        self._window_length = self.accumulation_steps
+        self._in_step_batch = False
+        self._budget_sized = False
+        self._micro_batch_size = (
+            None
+            if micro_batch_size is None
+            else MicroBatchSize(micro_batch_size, max_micro_batch_size, probe_up_after)
+        )
+        self._seed_cache: dict[
+            tuple[float, torch.dtype, torch.device, torch.Size], torch.Tensor
+        ] = {}
 
     # ------------------------------------------------------------------ observability
     @property
@@ -321,7 +353,7 @@ class Accumulator:
         relative_weight = window.relative_weight(weight_value)
         # Weighting the loss costs nothing in backward; the boundary corrects for what the
         # weights of later micro-batches turn out to be (see _window.py).
-        factor = relative_weight / self.accumulation_steps
+        factor = relative_weight / self._window_length
         scaler = self.scaler if self._scaler_enabled else None
         loss_to_backward = loss if scaler is None else scaler.scale(loss)
         synchronising = self._next_is_last() or self.sync_each_micro_batch
@@ -333,12 +365,174 @@ class Accumulator:
         window.add(relative_weight, loss)
         self._window_synced = synchronising
         self._block_micro_batches += 1
-        if window.count == self.accumulation_steps:
+        if window.count == self._window_length and not self._in_step_batch:
             self._close_window()
+
+    # ------------------------------------------------------------------ whole batches
+    @property
+    def micro_batch_size(self) -> int | None:
+        """The micro-batch size :meth:`step_batch` uses now (None before the first auto batch)."""
+        return None if self._micro_batch_size is None else self._micro_batch_size.current
+
+    @property
+    def oom_retries(self) -> int:
+        """Logical batches replayed with smaller micro-batches after out-of-memory errors."""
+        return 0 if self._micro_batch_size is None else self._micro_batch_size.oom_retries
+
+    def step_batch(
+        self,
+        batch: Any,
+        compute_loss: Callable[[Any], torch.Tensor],
+        *,
+        weight: Callable[[Any], float | int | torch.Tensor] | None = None,
+    ) -> float:
+        """Train on one logical batch as one optimizer step, in micro-batches that fit.
+
+        ``batch`` (a tensor, or tuples/lists/dicts of tensors, split along dimension 0) is
+        cut into micro-batches of ``micro_batch_size``; ``compute_loss(micro_batch)``
+        returns each one's mean loss, weighted by its number of samples (or by
+        ``weight(micro_batch)``), so the update equals the full-batch update however the
+        batch is cut. Then the real optimizer step runs. With ``micro_batch_size="auto"`` an
+        out-of-memory error discards the attempt's gradients and replays the whole batch
+        with micro-batches half as large. Returns the batch's mean loss.
+
+        Example:
+            >>> import torch
+            >>> from torch_accum import Accumulator
+            >>> model = torch.nn.Linear(3, 1)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> acc = Accumulator(model, optimizer, micro_batch_size=8)
+            >>> x, y = torch.randn(37, 3), torch.randn(37, 1)
+            >>> def compute_loss(micro):
+            ...     return torch.nn.functional.mse_loss(model(micro[0]), micro[1])
+            >>> with acc:
+            ...     loss = acc.step_batch((x, y), compute_loss)  # micro-batches 8, 8, 8, 8, 5
+            >>> acc.optimizer_steps
+            1
+        """
+        sizes = self._micro_batch_size
+        if sizes is None:
+            raise RuntimeError(
+                "step_batch() needs a micro-batch size: construct the Accumulator with "
+                "micro_batch_size=<int> or micro_batch_size='auto'"
+            )
+        if not self._active:
+            raise RuntimeError("acc.step_batch() was called outside the `with acc:` block")
+        if self._window.count or self._window_ready:
+            raise RuntimeError(
+                f"step_batch() needs an empty window, but {self._window.count} micro-batches "
+                "from acc.backward() are pending; finish that window first"
+            )
+        if self._sync is not None and not self._sync.is_ddp:
+            raise RuntimeError("step_batch() supports DDP but not FSDP2 yet; use acc.backward()")
+        total = batch_size_of(batch)
+        size = sizes.for_batch(total)
+        if (
+            sizes.auto
+            and self.memory_budget is not None
+            and sizes.oom_retries == 0
+            and not self._budget_sized
+        ):
+            size = sizes.current = self._size_for_budget(batch, compute_loss, total)
+            self._budget_sized = True
+        if self._sync is not None:
+            size = sizes.current = self._sync.agree_min(size)  # every rank cuts alike
+        while True:
+            failure = self._attempt(batch, compute_loss, weight, size)
+            failed = failure is not None
+            if self._sync is not None:
+                failed = self._sync.any_rank(failed, always=True)
+            if not failed:
+                break
+            self._discard_window()
+            if not sizes.auto:
+                raise failure or RuntimeError("another rank ran out of memory")
+            if size == 1:
+                raise RuntimeError(
+                    "out of memory even with micro-batches of 1 sample; the model and "
+                    "optimizer state alone do not fit, or compute_loss keeps tensors alive"
+                ) from failure
+            size = sizes.after_oom(size)
+        self._close_window()
+        self._apply_update()
+        sizes.after_success(total)
+        logger.debug("batch of %d in micro-batches of %d", total, size)
+        return cast(float, self.loss)
+
+    def _attempt(
+        self,
+        batch: Any,
+        compute_loss: Callable[[Any], torch.Tensor],
+        weight: Callable[[Any], float | int | torch.Tensor] | None,
+        size: int,
+    ) -> BaseException | None:
+        """Accumulate the whole batch; return the out-of-memory error that stopped it."""
+        pieces = split_batch(batch, size)
+        self._window_length, self._in_step_batch = len(pieces), True
+        try:
+            for micro_batch, samples in pieces:
+                self.backward(
+                    compute_loss(micro_batch),
+                    weight=samples if weight is None else weight(micro_batch),
+                )
+        except torch.OutOfMemoryError as error:
+            return error
+        finally:
+            self._in_step_batch = False
+        return None
+
+    def _discard_window(self) -> None:
+        """Drop a failed attempt: gradients, counts, and cached allocator memory."""
+        self._real_zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        self._block_micro_batches -= self._window.count
+        self._window = Window()
+        self._window_length = self.accumulation_steps
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _size_for_budget(
+        self, batch: Any, compute_loss: Callable[[Any], torch.Tensor], total: int
+    ) -> int:
+        """The largest micro-batch whose measured activation peak fits memory_budget."""
+        budget = cast(int, self.memory_budget)
+        upper = min(total, self._micro_batch_size.upper_bound or total)  # type: ignore[union-attr]
+        probe = min(upper, 4)
+        per_sample = self._measure_peak(batch, compute_loss, probe) / probe
+        size = max(1, min(upper, int(budget // per_sample)))
+        while size > 1 and self._measure_peak(batch, compute_loss, size) > budget:
+            size = max(1, size * 3 // 4)
+        logger.info("memory_budget %d bytes: micro-batches of %d", budget, size)
+        return size
+
+    def _measure_peak(
+        self, batch: Any, compute_loss: Callable[[Any], torch.Tensor], size: int
+    ) -> int:
+        """Measure one micro-batch's activation peak, leaving no trace in the model."""
+        micro_batch = split_batch(batch, size)[0][0]
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        rng = torch.random.get_rng_state()
+        self._in_step_batch = True  # no gradient synchronisation while probing
+        try:
+            memory = measure_activation_memory(
+                lambda: compute_loss(micro_batch), parameters=self.model.parameters()
+            )
+        finally:
+            self._in_step_batch = False
+            torch.random.set_rng_state(rng)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            self._real_zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
+        return memory.peak
 
     def _next_is_last(self) -> bool:
         """Whether the next micro-batch ends a window (or the block, when its length is known)."""
-        return self._window.count + 1 == self.accumulation_steps or (
+        if self._in_step_batch:
+            return False  # step_batch() synchronises explicitly, after the ranks agree
+        return self._window.count + 1 == self._window_length or (
             self.total_micro_batches is not None
             and self._block_micro_batches + 1 == self.total_micro_batches
         )
@@ -359,9 +553,9 @@ class Accumulator:
         """
         if factor == 1.0:
             return None
-        if factor != 1.0 / self.accumulation_steps or loss.grad_fn is None:
+        if factor != 1.0 / self._window_length or loss.grad_fn is None:
             return torch.full_like(loss, factor)
-        key = (loss.dtype, loss.device, loss.shape)
+        key = (factor, loss.dtype, loss.device, loss.shape)
         seed = self._seed_cache.get(key)
         if seed is None:
             seed = self._seed_cache[key] = torch.full_like(loss, factor)
@@ -424,7 +618,7 @@ class Accumulator:
     def _close_window(self) -> None:
         # The losses were scaled by r_i / K; this turns the sum into sum(r_i g_i) / sum(r_i).
         # It is exactly 1 for a full window of equal weights.
-        correction = self.accumulation_steps / self._window.relative_weight_sum
+        correction = self._window_length / self._window.relative_weight_sum
         grads = self._grads()
         if self._sync is not None:
             correction = self._synchronise_window(grads)
@@ -448,11 +642,11 @@ class Accumulator:
             self._window_synced = True
         if not window.weighted:
             # Every rank ran the same count (checked by sync.agree): K / count everywhere.
-            return self.accumulation_steps / window.count
+            return self._window_length / window.count
         # Averaged over R ranks the gradient is sum(w g) / (R K w_ref); make it sum(w g) / W.
         total = sync.global_sum(window.weight_sum)
         sync.shared_reference_weight = total / (sync.world_size * window.count)
-        return self.accumulation_steps * window.reference_weight * sync.world_size / total
+        return self._window_length * window.reference_weight * sync.world_size / total
 
     @property
     def _checks_gradients_itself(self) -> bool:

@@ -129,9 +129,15 @@ class GradientSync:
         dist.all_reduce(total, group=self.group)
         return float(total)
 
-    def any_rank(self, flag: bool) -> bool:
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over the ranks."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        return int(tensor)
+
+    def any_rank(self, flag: bool, *, always: bool = False) -> bool:
         """Whether ``flag`` holds on any rank (FSDP2 ranks each see a shard of the grads)."""
-        if self.is_ddp:
+        if self.is_ddp and not always:
             return flag  # DDP gradients are identical on all ranks after the sync
         value = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)

@@ -1,0 +1,318 @@
+"""Micro-batching: splitting logical batches exactly, recovering from out-of-memory errors."""
+
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from torch_accum import Accumulator, measure_activation_memory
+from torch_accum.microbatch import batch_size_of, split_batch
+
+TOL = {"rtol": 1e-10, "atol": 1e-12}
+Pair = namedtuple("Pair", ["x", "y"])
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def data(n=37, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=generator, dtype=torch.float64)
+    return x, torch.randn(n, 1, generator=generator, dtype=torch.float64)
+
+
+def full_batch_reference(batches, lr=0.1):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return list(model.parameters())
+
+
+# ----------------------------------------------------------------------------- splitting
+def test_split_nested_batches_and_pass_other_leaves_through():
+    x, y = data()
+    batch = {"inputs": (x, [y, "tag"]), "pair": Pair(x, y), "meta": None}
+    pieces = split_batch(batch, 8)
+    assert [n for _, n in pieces] == [8, 8, 8, 8, 5]
+    last = pieces[-1][0]
+    assert torch.equal(last["inputs"][0], x[32:])
+    assert torch.equal(last["inputs"][1][0], y[32:])
+    assert last["inputs"][1][1] == "tag" and last["meta"] is None
+    assert isinstance(last["pair"], Pair) and torch.equal(last["pair"].y, y[32:])
+    assert torch.equal(torch.cat([p[0]["inputs"][0] for p in pieces]), x)
+
+
+def test_split_errors_name_the_problem():
+    x, y = data()
+    with pytest.raises(ValueError, match=r"disagree on the number of samples .*\[10, 37\]"):
+        batch_size_of((x, y[:10]))
+    with pytest.raises(ValueError, match=r"batch holds no tensor to split \(got str\)"):
+        batch_size_of("text")
+    with pytest.raises(ValueError, match=r"micro_batch_size must be >= 1, got 0"):
+        split_batch(x, 0)
+    with pytest.raises(TypeError, match=r"micro_batch_size must be a positive int, got 2.5"):
+        split_batch(x, 2.5)
+
+
+# ----------------------------------------------------------------------------- exactness
+def run_step_batches(batches, to_batch, compute_loss, **kwargs):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    acc = Accumulator(model, optimizer, **kwargs)
+    with acc:
+        for x, y in batches:
+            acc.step_batch(to_batch(x, y), lambda micro: compute_loss(model, micro))
+    return model, acc
+
+
+SHAPES = {
+    "tensor": (
+        lambda x, y: torch.cat([x, y], 1),
+        lambda m, b: nn.functional.mse_loss(m(b[:, :5]), b[:, 5:]),
+    ),
+    "tuple": (lambda x, y: (x, y), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])),
+    "dict": (lambda x, y: {"x": x, "y": y}, lambda m, b: nn.functional.mse_loss(m(b["x"]), b["y"])),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_37_samples_in_micro_batches_of_8_equal_the_full_batch(shape):
+    batches = [data(37, seed) for seed in (1, 2, 3)]
+    to_batch, compute_loss = SHAPES[shape]
+    model, acc = run_step_batches(batches, to_batch, compute_loss, micro_batch_size=8)
+    assert acc.optimizer_steps == 3 and acc.micro_batch_size == 8
+    for got, expected in zip(model.parameters(), full_batch_reference(batches), strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_unweighted_micro_batch_means_would_differ():
+    # The control: averaging the 5 micro-batch means treats the last 5 samples as 8.
+    x, y = data(37)
+    model = make_model()
+    mean_of_means = (
+        sum(nn.functional.mse_loss(model(a), b) for a, b in zip(x.split(8), y.split(8))) / 5
+    )
+    assert abs(mean_of_means.item() - nn.functional.mse_loss(model(x), y).item()) > 1e-4
+
+
+# ----------------------------------------------------------------------------- out of memory
+class MemoryLimit(nn.Module):
+    """Raises torch.OutOfMemoryError when a micro-batch's cost exceeds a limit.
+
+    The cost of a micro-batch is its size times the largest sample "length" in it (the
+    last input column), so an early micro-batch can fit and a later one not: halfway.
+    """
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit = model, limit
+        self.seen = []  # (attempt, sample ids) of each forward that ran to its end
+
+    def forward(self, x, ids):
+        cost = x.shape[0] * int(x[:, -1].max())
+        if cost > self.limit:
+            self.seen.append(("oom", None))
+            raise torch.OutOfMemoryError(f"injected: cost {cost} > {self.limit}")
+        self.seen.append(("ok", ids.tolist()))
+        return self.model(x)
+
+
+def lengths_batch(n=64, seed=1):
+    x, y = data(n, seed)
+    lengths = torch.ones(n, 1, dtype=torch.float64)
+    lengths[n // 2 :] = 4  # the second half is 4x as costly
+    return torch.cat([x[:, :4], lengths], 1), y, torch.arange(n)
+
+
+class CountingSGD(torch.optim.SGD):
+    real_steps = 0
+
+    def step(self, closure=None):
+        self.real_steps += 1
+        return super().step(closure)
+
+
+def test_oom_halfway_through_a_batch_replays_it_exactly():
+    batches = [lengths_batch(64, seed) for seed in (1, 2)]
+    reference = full_batch_reference([(x, y) for x, y, _ in batches])
+    model = make_model()
+    limited = MemoryLimit(model, limit=100)
+    optimizer = CountingSGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto", scheduler=scheduler)
+    with acc:
+        for x, y, ids in batches:
+            limited.seen.clear()
+            acc.step_batch((x, y, ids), lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]))
+            if len(optimizer.state) == 0 or acc.optimizer_steps == 1:
+                first_batch_log = list(limited.seen)
+    # 64 -> OOM; 32: the first micro-batch (short samples) fits, the second does not; 16 fits.
+    assert [kind for kind, _ in first_batch_log] == ["oom", "ok", "oom", "ok", "ok", "ok", "ok"]
+    successful = [i for kind, ids in first_batch_log[3:] for i in ids]
+    assert sorted(successful) == list(range(64))  # every sample once in the successful pass
+    assert acc.micro_batch_size == 16 and acc.oom_retries == 2
+    assert [kind for kind, _ in limited.seen] == ["ok"] * 4  # the size is kept
+    assert optimizer.real_steps == 2 and acc.optimizer_steps == 2
+    assert scheduler.last_epoch == 2
+    for got, expected in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "limit", "chosen"), [(37, 10, 10), (64, 40, 32), (64, 7, 4)]
+)
+def test_the_size_found_is_the_largest_halving_under_the_limit(batch_size, limit, chosen):
+    x, y = data(batch_size)
+    x = torch.cat([x[:, :4], torch.ones(batch_size, 1, dtype=torch.float64)], 1)
+    model = make_model()
+    limited = MemoryLimit(model, limit=limit)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size="auto")
+    with acc:
+        acc.step_batch(
+            (x, y, torch.arange(batch_size)),
+            lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]),
+        )
+    assert acc.micro_batch_size == chosen
+
+
+def test_probing_upward_after_successful_batches():
+    x, y, ids = lengths_batch(64)
+    x[:, -1] = 1
+    model = make_model()
+    limited = MemoryLimit(model, limit=16)
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        micro_batch_size="auto",
+        probe_up_after=2,
+    )
+    sizes = []
+    with acc:
+        for step in range(6):
+            if step == 2:
+                limited.limit = 64  # memory frees up
+            acc.step_batch((x, y, ids), lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]))
+            sizes.append(acc.micro_batch_size)
+    assert sizes == [16, 32, 32, 64, 64, 64]
+
+
+def test_gives_up_when_one_sample_does_not_fit():
+    x, y, ids = lengths_batch(8)
+    model = make_model()
+    limited = MemoryLimit(model, limit=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto")
+    with (
+        pytest.raises(RuntimeError, match=r"out of memory even with micro-batches of 1 sample"),
+        acc,
+    ):
+        acc.step_batch((x, y, ids), lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]))
+    assert acc.oom_retries == 3  # 8 -> 4 -> 2 -> 1
+    assert all(p.grad is None for p in model.parameters()) and optimizer.state == {}
+
+
+def test_a_fixed_size_does_not_retry():
+    x, y, ids = lengths_batch(8)
+    model = make_model()
+    limited = MemoryLimit(model, limit=0)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4)
+    with pytest.raises(torch.OutOfMemoryError), acc:
+        acc.step_batch((x, y, ids), lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]))
+
+
+# ----------------------------------------------------------------------------- memory budget
+def wide_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1)
+    )
+
+
+def peak_of(size, x, y):
+    model = wide_model()
+    return measure_activation_memory(
+        lambda: nn.functional.mse_loss(model(x[:size]), y[:size]), parameters=model.parameters()
+    ).peak
+
+
+def test_memory_budget_picks_a_size_that_fits_and_is_at_least_half_the_largest():
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    budget = 300_000
+    largest = max(s for s in range(1, 65) if peak_of(s, x, y) <= budget)
+    model = wide_model()
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        micro_batch_size="auto",
+        memory_budget=budget,
+    )
+    with acc:
+        acc.step_batch((x, y), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+    chosen = acc.micro_batch_size
+    assert peak_of(chosen, x, y) <= budget
+    assert largest / 2 <= chosen <= largest
+    # Probing left no trace: the update equals the plain full-batch step.
+    reference = wide_model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    nn.functional.mse_loss(reference(x), y).backward()
+    optimizer.step()
+    for got, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- misuse
+def test_misuse_errors():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(8)
+    loss = lambda m: nn.functional.mse_loss(model(m[0]), m[1])  # noqa: E731
+    with (
+        pytest.raises(RuntimeError, match=r"step_batch\(\) needs a micro-batch size"),
+        Accumulator(model, optimizer) as acc,
+    ):
+        acc.step_batch((x, y), loss)
+    acc = Accumulator(model, optimizer, 4, micro_batch_size=2)
+    with pytest.raises(RuntimeError, match=r"needs an empty window, but 1 micro-batches"), acc:
+        acc.backward(loss((x, y)))
+        acc.step_batch((x, y), loss)
+    with pytest.raises(RuntimeError, match=r"outside the `with acc:` block"):
+        acc.step_batch((x, y), loss)
+    with pytest.raises(
+        ValueError,
+        match=r"memory_budget, max_micro_batch_size and probe_up_after apply to micro_batch_size='auto'",
+    ):
+        Accumulator(model, optimizer, micro_batch_size=4, memory_budget=10**6)
+    with pytest.raises(
+        ValueError, match=r"micro_batch_size must be a positive int, 'auto' or None, got 0"
+    ):
+        Accumulator(model, optimizer, micro_batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_cuda_out_of_memory_is_recovered():
+    device = torch.device("cuda")
+    free, _ = torch.cuda.mem_get_info()
+    per_sample = free // 8  # 32 samples need 4x the free memory; 4 need half of it
+    model = make_model().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = data(32)
+    x, y = x.to(device), y.to(device)
+
+    def compute_loss(micro):
+        # A big activation proportional to the micro-batch, as a wide layer would make.
+        big = torch.ones(micro[0].shape[0], per_sample // 8, device=device, dtype=torch.float64)
+        return nn.functional.mse_loss(model(micro[0]), micro[1]) + 0 * big.sum()
+
+    acc = Accumulator(model, optimizer, micro_batch_size="auto")
+    with acc:
+        acc.step_batch((x, y), compute_loss)
+    assert acc.oom_retries >= 1 and acc.micro_batch_size <= 4
+    reference = full_batch_reference([(x.cpu(), y.cpu())])
+    for got, expected in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(got.cpu(), expected, **TOL)
