@@ -205,6 +205,21 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
         len(model._forward_pre_hooks),
     )
 
+    # Auto micro-batching where only rank 0 runs out of memory: both ranks back off together.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(model, optimizer, micro_batch_size="auto")
+
+    def compute_loss(micro: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if rank == 0 and micro[0].shape[0] > 3:
+            raise torch.OutOfMemoryError("injected on rank 0")
+        return nn.functional.mse_loss(model(micro[0]), micro[1])
+
+    with acc:
+        for x, y in batches:
+            acc.step_batch((x.chunk(world)[rank], y.chunk(world)[rank]), compute_loss)
+    results["auto"] = (params_of(model.module), acc.micro_batch_size, acc.oom_retries)
+
     # Uneven inputs: rank 0 runs 7 micro-batches, rank 1 runs 5.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())

@@ -91,6 +91,16 @@ def test_a_final_partial_window_is_exact(ddp, key):
     assert ddp[0]["partial_known_length"][1] == 2  # both windows synchronised in backward
 
 
+def test_auto_micro_batching_backs_off_on_every_rank_together(ddp):
+    # Each rank's 8 samples per batch: 8 -> 4 -> 2 on rank 0's OOMs, on both ranks.
+    expected = reference("sgd", global_batches(STEPS, 2 * K * B))
+    for rank in ddp:
+        params, size, retries = rank["auto"]
+        assert (size, retries) == (2, 2)
+        for a, b in zip(params, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
 def test_uneven_inputs_raise_on_every_rank(ddp):
     for rank in ddp:
         assert rank["uneven"] is not None

@@ -266,6 +266,43 @@ def test_memory_budget_picks_a_size_that_fits_and_is_at_least_half_the_largest()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_step_batch_with_checkpointing_and_a_grad_scaler():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from gpt import GPT, GPTConfig
+
+    tokens = torch.randint(0, 64, (12, 9), generator=torch.Generator().manual_seed(0))
+
+    def train(checkpointing, micro_batch_size):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, context=8, width=32, layers=2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        acc = Accumulator(
+            model,
+            optimizer,
+            micro_batch_size=micro_batch_size,
+            scaler=scaler,
+            checkpointing=checkpointing,
+        )
+
+        def compute_loss(micro):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(micro[:, :-1])
+            return nn.functional.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
+
+        with acc:
+            acc.step_batch(tokens, compute_loss)
+        return list(model.parameters())
+
+    whole = train(False, 12)
+    for got, expected in zip(train(True, 5), whole, strict=True):
+        # bf16 matmuls over micro-batches of 5, 5, 2 vs one of 12: bf16 tolerance.
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
+
+
 # ----------------------------------------------------------------------------- misuse
 def test_misuse_errors():
     model = make_model()

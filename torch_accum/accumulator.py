@@ -347,7 +347,7 @@ class Accumulator:
         loss = check_loss(loss)
         weight_value = 1.0 if weight is None else check_weight(weight)
         window = self._window
-        if window.count == 0:
+        if window.count == 0 and not self._in_step_batch:  # step_batch() sets its reference
             window.weighted = weight is not None
             window.reference_weight = self._reference_weight(weight_value, window.weighted)
         relative_weight = window.relative_weight(weight_value)
@@ -468,6 +468,13 @@ class Accumulator:
     ) -> BaseException | None:
         """Accumulate the whole batch; return the out-of-memory error that stopped it."""
         pieces = split_batch(batch, size)
+        first_micro_batch, first_samples = pieces[0]
+        first_weight = check_weight(first_samples if weight is None else weight(first_micro_batch))
+        if self._sync is not None:
+            # A shared reference agreed before the attempt: no collective may run inside it,
+            # where one rank can stop at an out-of-memory error.
+            first_weight = self._sync.global_sum(first_weight) / self._sync.world_size
+        self._window.weighted, self._window.reference_weight = True, first_weight
         self._window_length, self._in_step_batch = len(pieces), True
         try:
             for micro_batch, samples in pieces:
