@@ -92,3 +92,13 @@ def test_ddp_benchmark_smoke():
     assert [row[0] for row in rows] == ["1", "4"]
     # The count ratio (field 10) is exactly K.
     assert [float(row[10]) for row in rows] == [1.0, 4.0]
+
+
+def test_auto_microbatch_example_matches_whole_batches():
+    result = run("examples/auto_microbatch.py")
+    assert result.returncode == 0, result.stderr
+    assert "out-of-memory above 16: 2 replayed batch(es), then micro-batches of 16" in result.stdout
+    assert "MATCH: both runs equal training on whole batches" in result.stdout
+    result = run("examples/auto_microbatch.py", "--memory-budget-mib", "-1")
+    assert result.returncode == 2
+    assert "--memory-budget-mib: expected a positive number, got -1.0" in result.stderr
