@@ -181,6 +181,23 @@ def test_the_size_found_is_the_largest_halving_under_the_limit(batch_size, limit
     assert acc.micro_batch_size == chosen
 
 
+def test_the_chosen_size_is_logged(caplog):
+    x, y, ids = lengths_batch(64)
+    model = make_model()
+    limited = MemoryLimit(model, limit=100)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size="auto")
+    with caplog.at_level("INFO", logger="torch_accum"), acc:
+        for _ in range(2):
+            acc.step_batch((x, y, ids), lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]))
+    assert (
+        caplog.text.count(
+            "batch of 64 samples in micro-batches of 16 (2 out-of-memory retries so far)"
+        )
+        == 1
+    )
+    assert "out of memory with micro-batches of 32; retrying with 16" in caplog.text
+
+
 def test_probing_upward_after_successful_batches():
     x, y, ids = lengths_batch(64)
     x[:, -1] = 1

@@ -187,6 +187,7 @@ class Accumulator:
         self._window_length = self.accumulation_steps
         self._in_step_batch = False
         self._budget_sized = False
+        self._last_micro_batch_size: int | None = None
         self._micro_batch_size = (
             None
             if micro_batch_size is None
@@ -455,8 +456,15 @@ class Accumulator:
             size = sizes.after_oom(size)
         self._close_window()
         self._apply_update()
+        if size != self._last_micro_batch_size:
+            logger.info(
+                "batch of %d samples in micro-batches of %d (%d out-of-memory retries so far)",
+                total,
+                size,
+                sizes.oom_retries,
+            )
+            self._last_micro_batch_size = size
         sizes.after_success(total)
-        logger.debug("batch of %d in micro-batches of %d", total, size)
         return cast(float, self.loss)
 
     def _attempt(
