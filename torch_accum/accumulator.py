@@ -33,6 +33,7 @@ from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
 from torch_accum.distributed import GradientSync
 from torch_accum.memory import measure_activation_memory
 from torch_accum.microbatch import MicroBatchSize, batch_size_of, split_batch
+from torch_accum.progress import ProgressBar, check_progress
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,16 @@ class Accumulator:
             ``len(loader)``), if known. Under DDP/FSDP2 the block's last micro-batch then
             synchronises in its backward even when it ends a partial window; without it
             DDP all-reduces a pending partial window on exit, and FSDP2 cannot (it raises).
+            It also gives the progress bar its total.
+        micro_batch_size: for :meth:`step_batch`: an int, or ``"auto"`` to find the
+            largest micro-batch that fits (halving and replaying the batch on
+            ``torch.OutOfMemoryError``); ``max_micro_batch_size`` caps where it starts,
+            ``memory_budget`` (bytes) sizes it up front from a measured probe on any
+            device, and ``probe_up_after`` tries twice the size again after that many
+            batches without an error.
+        progress: a tqdm bar counting optimizer steps, with the micro-batch in the
+            window, the window's loss, the learning rate and skipped steps. ``None``
+            (default): only when stderr is a terminal and tqdm is installed.
 
     Example:
         >>> import torch
@@ -127,6 +138,7 @@ class Accumulator:
         max_micro_batch_size: int | None = None,
         memory_budget: int | None = None,
         probe_up_after: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer)
@@ -143,6 +155,8 @@ class Accumulator:
             "total_micro_batches", total_micro_batches
         )
         self._sync = GradientSync.for_model(self.model, self.sync_each_micro_batch)
+        self.progress = check_progress(progress)
+        self._progress: ProgressBar | None = None
         micro_batch_size = check_micro_batch_size(micro_batch_size)
         max_micro_batch_size = check_optional_positive_int(
             "max_micro_batch_size", max_micro_batch_size
@@ -264,6 +278,11 @@ class Accumulator:
             self._restore()
             raise
         self._block_micro_batches = 0
+        if self.progress:
+            total = self.total_micro_batches
+            self._progress = ProgressBar(
+                None if total is None else -(-total // self.accumulation_steps)
+            )
         self._active = True
         return self
 
@@ -283,6 +302,9 @@ class Accumulator:
             self._restore()
 
     def _restore(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         try:
             if self._sync is not None:
                 self._sync.exit()
@@ -364,6 +386,8 @@ class Accumulator:
         self._grads_cleared = False
         loss_to_backward.backward(self._backward_seed(loss_to_backward, factor))  # type: ignore[no-untyped-call]
         window.add(relative_weight, loss)
+        if self._progress is not None:
+            self._progress.micro_batch(window.count, self._window_length)
         self._window_synced = synchronising
         self._block_micro_batches += 1
         if window.count == self._window_length and not self._in_step_batch:
@@ -683,6 +707,9 @@ class Accumulator:
         finally:
             self._in_update = False
         self._end_window()
+        if self._progress is not None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            self._progress.optimizer_step(self.loss, lr, self.skipped_steps)
 
     def _end_window(self) -> None:
         self._last_window = self._window
