@@ -102,7 +102,7 @@ class Accumulator:
             window, the window's loss, the learning rate and skipped steps. ``None``
             (default): only when stderr is a terminal and tqdm is installed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch_accum import Accumulator
         >>> model = torch.nn.Linear(4, 1)
@@ -343,7 +343,7 @@ class Accumulator:
                 tokens when ``loss`` is a mean over tokens. The update is then the exact
                 weighted mean over the window. Defaults to 1 (all micro-batches equal).
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch_accum import Accumulator
             >>> model = torch.nn.Linear(2, 1)
@@ -421,7 +421,7 @@ class Accumulator:
         out-of-memory error discards the attempt's gradients and replays the whole batch
         with micro-batches half as large. Returns the batch's mean loss.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch_accum import Accumulator
             >>> model = torch.nn.Linear(3, 1)
@@ -810,7 +810,7 @@ class Accumulator:
         Save it with the model, optimizer, scheduler and scaler state dicts; after
         :meth:`load_state_dict` a run resumed mid-window continues exactly.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch_accum import Accumulator
             >>> model = torch.nn.Linear(2, 1)

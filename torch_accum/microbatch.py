@@ -62,7 +62,7 @@ def _take(batch: Any, start: int, stop: int) -> Any:
 def split_batch(batch: Any, micro_batch_size: int) -> list[tuple[Any, int]]:
     """Split ``batch`` along dimension 0 into ``(micro_batch, number_of_samples)`` pairs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> batch = {"x": torch.zeros(37, 3), "y": torch.zeros(37), "name": "train"}
         >>> [n for _, n in split_batch(batch, 8)]
