@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
+import tempfile
 import time
 from datetime import timedelta
 
@@ -71,9 +71,12 @@ def accumulator_loop(model, optimizer, micro, k: int) -> None:
             optimizer.zero_grad()
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+def worker(rank: int, world: int, store_path: str, args: argparse.Namespace) -> None:
+    # A file store, not a TCP port: nothing else on the machine can take it.
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     torch.set_num_threads(1)
     loops = {"naive": naive_loop, "accumulator": accumulator_loop}
     steps = args.steps_per_run
@@ -147,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         args.width, args.depth, args.repetitions, args.accumulation_steps = 64, 1, 2, [1, 4]
     if min(args.accumulation_steps) < 1:
         parser.error("--accumulation-steps must be >= 1")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(worker, args=(2, port, args), nprocs=2)
+    with tempfile.TemporaryDirectory() as directory:
+        mp.spawn(worker, args=(2, os.path.join(directory, "store"), args), nprocs=2)
     return 0
 
 

@@ -6,8 +6,6 @@ go to ``OUT/rank{r}.pt`` for the test process to compare with single-process ref
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -303,10 +301,12 @@ def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- launching
-def _entry(scenario: str, rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def _entry(scenario: str, rank: int, world: int, out: str) -> None:
+    # A file store, not a TCP port: concurrent test runs cannot collide on it.
+    store = dist.FileStore(str(Path(out) / "store"), world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         result = globals()[scenario](rank, world)
         torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -317,18 +317,11 @@ def _entry(scenario: str, rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def launch(scenario: str, out: Path, world: int = 2, timeout: float = 180) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` gloo ranks; return each rank's results, bounded in time."""
     context = mp.get_context("spawn")
-    port = free_port()
     processes = [
-        context.Process(target=_entry, args=(scenario, rank, world, port, str(out)))
+        context.Process(target=_entry, args=(scenario, rank, world, str(out)))
         for rank in range(world)
     ]
     for process in processes:
