@@ -222,6 +222,17 @@ def test_nonfinite_window_raises_when_asked_and_names_the_parameters():
     torch.testing.assert_close(parameters_of(model), parameters_of(make_model()), rtol=0, atol=0)
 
 
+def test_skipped_steps_are_logged(caplog):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 1)
+    with caplog.at_level("INFO", logger="torch_accum"), pytest.warns(RuntimeWarning), acc:
+        acc.backward(poisoned_loss(model, make_batches(1, 4)[0], poison=True))
+        optimizer.step()
+    assert "non-finite gradient in 4 parameter(s)" in caplog.text
+    assert "optimizer step 1 skipped" in caplog.text
+
+
 def test_grad_scaler_skip_backs_off_and_does_not_step_the_scheduler():
     model = make_model(torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -749,12 +749,13 @@ class Accumulator:
                 "gradients were cleared. Lower the learning rate, check the inputs, or "
                 "pass on_nonfinite='skip'"
             )
-        warnings.warn(
+        message = (
             f"non-finite gradient in {where}: optimizer step {self.optimizer_steps + 1} "
-            f"skipped, gradients cleared ({self.skipped_steps + 1} skipped so far)",
-            RuntimeWarning,
-            stacklevel=2,
+            f"skipped, gradients cleared ({self.skipped_steps + 1} skipped so far)"
         )
+        # A warning for the person at the terminal, a log record for the training logs.
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _nonfinite_parameter_names(self, params: list[torch.Tensor]) -> list[str]:
         names = {id(p): name for name, p in self.model.named_parameters()}
@@ -778,8 +779,10 @@ class Accumulator:
         # GradScaler backs the scale off exactly when it found infs and skipped the step.
         skipped = scaler.get_scale() < scale_before
         if skipped:
-            logger.debug(
-                "GradScaler skipped a step; scale %s -> %s", scale_before, scaler.get_scale()
+            logger.info(
+                "GradScaler found inf/NaN gradients and skipped the step; scale %s -> %s",
+                scale_before,
+                scaler.get_scale(),
             )
         return skipped
 
