@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from cli_types import positive_float, positive_int
 from torch import nn
 
 from torch_accum import Accumulator
@@ -28,26 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=128, context=32, width=64, layers=4)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def train(

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from cli_types import non_negative_int, positive_float, positive_int
 from torch import nn
 
 from torch_accum import Accumulator
@@ -36,37 +36,6 @@ DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "harbour.txt"
 PAD = 0
 # Marks the start and the end of every sequence, so the model learns where sentences end.
 BOUNDARY = "\n"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    # `not value > 0` also rejects nan; inf would make every update meaningless.
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
