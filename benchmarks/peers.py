@@ -236,12 +236,17 @@ def windows(items: list[Batch], k: int) -> list[list[Batch]]:
     return [items[i : i + k] for i in range(0, len(items), k)]
 
 
-def run_reference(problem: Problem, k: int) -> Outcome:
-    """One full-batch step per window of K micro-batches (the last window may be shorter)."""
+def fresh_setup(problem: Problem) -> tuple[nn.Module, torch.optim.Optimizer, Any, list[int]]:
+    """A new model, optimizer and scheduler, and the optimizer's step counter."""
     model = problem.make_model()
     optimizer = problem.make_optimizer(model.parameters())
     scheduler = problem.make_scheduler(optimizer) if problem.make_scheduler else None
-    steps = count_steps(optimizer)
+    return model, optimizer, scheduler, count_steps(optimizer)
+
+
+def run_reference(problem: Problem, k: int) -> Outcome:
+    """One full-batch step per window of K micro-batches (the last window may be shorter)."""
+    model, optimizer, scheduler, steps = fresh_setup(problem)
     for window in windows(problem.micro_batches, k):
         optimizer.zero_grad()
         problem.loss(model, problem.merge(window)).backward()
@@ -253,10 +258,7 @@ def run_reference(problem: Problem, k: int) -> Outcome:
 
 def run_hand(problem: Problem, k: int) -> Outcome:
     """The loop users write by hand: ``loss / K`` and a step every K micro-batches."""
-    model = problem.make_model()
-    optimizer = problem.make_optimizer(model.parameters())
-    scheduler = problem.make_scheduler(optimizer) if problem.make_scheduler else None
-    steps = count_steps(optimizer)
+    model, optimizer, scheduler, steps = fresh_setup(problem)
     for index, batch in enumerate(loader_of(problem.micro_batches)):
         loss = problem.loss(model, batch) / k
         loss.backward()
@@ -270,10 +272,7 @@ def run_hand(problem: Problem, k: int) -> Outcome:
 
 def run_torch_accum(problem: Problem, k: int) -> Outcome:
     """The user's plain loop inside ``with acc:``; ``weight=n_tokens`` for a token mean."""
-    model = problem.make_model()
-    optimizer = problem.make_optimizer(model.parameters())
-    scheduler = problem.make_scheduler(optimizer) if problem.make_scheduler else None
-    steps = count_steps(optimizer)
+    model, optimizer, scheduler, steps = fresh_setup(problem)
     with Accumulator(model, optimizer, k, scheduler=scheduler) as acc:
         for batch in loader_of(problem.micro_batches):
             loss = problem.loss(model, batch)
@@ -287,10 +286,7 @@ def run_torch_accum(problem: Problem, k: int) -> Outcome:
 
 def run_accelerate(problem: Problem, k: int) -> Outcome:
     """Accelerate's documented loop; for a token mean, its documented recipe for it."""
-    model = problem.make_model()
-    optimizer = problem.make_optimizer(model.parameters())
-    scheduler = problem.make_scheduler(optimizer) if problem.make_scheduler else None
-    steps = count_steps(optimizer)
+    model, optimizer, scheduler, steps = fresh_setup(problem)
     accelerator = Accelerator(gradient_accumulation_steps=k, cpu=True)
     objects = [model, optimizer, loader_of(problem.micro_batches)]
     prepared = accelerator.prepare(*objects, *([] if scheduler is None else [scheduler]))
