@@ -320,6 +320,20 @@ def test_step_batch_with_checkpointing_and_a_grad_scaler():
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
 
 
+def test_backward_windows_after_step_batch_use_accumulation_steps_again():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(10)
+    acc = Accumulator(model, optimizer, 2, micro_batch_size=3)  # 3, 3, 3, 1 in step_batch
+    with acc:
+        acc.step_batch((x, y), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+        for index in range(4):
+            acc.backward(nn.functional.mse_loss(model(x[index : index + 1]), y[index : index + 1]))
+            optimizer.step()
+            assert acc.sync_gradients == (index % 2 == 1)
+    assert acc.optimizer_steps == 3
+
+
 # ----------------------------------------------------------------------------- misuse
 def test_misuse_errors():
     model = make_model()

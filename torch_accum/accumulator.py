@@ -715,6 +715,7 @@ class Accumulator:
         self._last_window = self._window
         self._last_loss = None
         self._window = Window()
+        self._window_length = self.accumulation_steps  # step_batch() may have changed it
         self._window_ready = False
         self._window_nonfinite = False
         self._unscaled = False
