@@ -71,6 +71,3 @@ class MethodPatches:
                 delattr(target, name)
             else:
                 setattr(target, name, previous)
-
-    def __len__(self) -> int:
-        return len(self._saved)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -124,9 +124,11 @@ def check_optional_positive_int(name: str, value: object) -> int | None:
     return value
 
 
-def check_micro_batch_size(value: object) -> int | str | None:
-    if value is None or value == "auto":
-        return value  # type: ignore[return-value]
+def check_micro_batch_size(value: object) -> int | Literal["auto"] | None:
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"micro_batch_size must be a positive int, 'auto' or None, got {_describe(value)}; "

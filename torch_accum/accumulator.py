@@ -200,7 +200,6 @@ class Accumulator:
         # Micro-batches per window: accumulation_steps, or the split of step_batch().
         self._window_length = self.accumulation_steps
         self._in_step_batch = False
-        self._budget_sized = False
         self._last_micro_batch_size: int | None = None
         self._micro_batch_size = (
             None
@@ -452,14 +451,9 @@ class Accumulator:
             raise RuntimeError("step_batch() supports DDP but not FSDP2 yet; use acc.backward()")
         total = batch_size_of(batch)
         size = sizes.for_batch(total)
-        if (
-            sizes.auto
-            and self.memory_budget is not None
-            and sizes.oom_retries == 0
-            and not self._budget_sized
-        ):
+        if sizes.auto and self.memory_budget is not None and not sizes.sized_from_budget:
             size = sizes.current = self._size_for_budget(batch, compute_loss, total)
-            self._budget_sized = True
+            sizes.sized_from_budget = True
         if self._sync is not None:
             size = sizes.current = self._sync.agree_min(size)  # every rank cuts alike
         while True:

@@ -17,7 +17,7 @@ window needs one uniform correction, for which the ranks sum their weights once 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,7 @@ class GradientSync:
         """Install the DDP forward pre-hook; ``next_is_last()`` says if a window ends."""
         if not self.is_ddp:
             return
-        ddp = self.model
+        ddp = cast(DistributedDataParallel, self.model)
         self._saved_ddp_flag = bool(ddp.require_backward_grad_sync)
 
         def before_forward(module: nn.Module, args: Any) -> None:
@@ -84,7 +84,9 @@ class GradientSync:
             self._hook.remove()
             self._hook = None
         if self.is_ddp:
-            self.model.require_backward_grad_sync = self._saved_ddp_flag
+            cast(
+                DistributedDataParallel, self.model
+            ).require_backward_grad_sync = self._saved_ddp_flag
         else:
             self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
@@ -159,7 +161,7 @@ class GradientSync:
             flat = torch.cat([t.reshape(-1) for t in tensors])
             dist.all_reduce(flat, group=self.group)
             flat /= self.world_size
-            chunks = flat.split([t.numel() for t in tensors])
+            chunks = flat.split([t.numel() for t in tensors])  # type: ignore[no-untyped-call]
             torch._foreach_copy_(
                 tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)]
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -44,7 +44,7 @@ def batch_size_of(batch: Any) -> int:
             f"the tensors in batch disagree on the number of samples (sizes of dimension 0: "
             f"{found}{zero_d}); every tensor must have the samples along dimension 0"
         )
-    return sizes.pop()
+    return cast(int, sizes.pop())  # None was ruled out above
 
 
 def _take(batch: Any, start: int, stop: int) -> Any:
@@ -101,6 +101,8 @@ class MicroBatchSize:
         self.upper_bound = upper_bound
         self.probe_up_after = probe_up_after
         self.oom_retries = 0
+        # memory_budget mode measures once, before the first batch.
+        self.sized_from_budget = False
         self._successes = 0
 
     def for_batch(self, batch_size: int) -> int:

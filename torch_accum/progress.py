@@ -35,7 +35,7 @@ class ProgressBar:
     """One bar per ``with`` block; ``total`` optimizer steps when known."""
 
     def __init__(self, total: int | None, description: str = "optimizer steps") -> None:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         interactive = sys.stderr.isatty()
         self._bar: Any = tqdm(
