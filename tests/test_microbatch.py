@@ -216,7 +216,9 @@ def test_probing_upward_after_successful_batches():
                 limited.limit = 64  # memory frees up
             acc.step_batch((x, y, ids), lambda m: nn.functional.mse_loss(limited(m[0], m[2]), m[1]))
             sizes.append(acc.micro_batch_size)
-    assert sizes == [16, 32, 32, 64, 64, 64]
+    # The first batch needed two retries, so it is not one of the 2 error-free batches that
+    # probing waits for: batches 2 and 3 are (issue 11, item 16).
+    assert sizes == [16, 16, 32, 32, 64, 64]
 
 
 def test_gives_up_when_one_sample_does_not_fit():

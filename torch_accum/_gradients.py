@@ -1,9 +1,25 @@
-"""A whole-model gradient pass run once per window: rescale and check for inf/NaN."""
+"""Whole-model gradient passes: rescale and check for inf/NaN, total norm, clipping.
+
+They accept every gradient an optimizer can hold: dense real tensors of any floating dtype,
+complex tensors (checked through their real view) and sparse COO tensors (checked through
+their values; coalesced before a norm, since duplicate indices add up). Internal buffers
+have explicit dtypes and devices, so ``torch.set_default_dtype`` changes nothing here.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch.nn.utils import get_total_norm
+
+# The eps torch.nn.utils.clip_grad_norm_ adds to the norm, kept so that clipping here
+# gives the same numbers as clipping by hand.
+_CLIP_EPS = 1e-6
+
+
+def _real_dense(grad: torch.Tensor) -> torch.Tensor:
+    """A dense real tensor sharing memory with ``grad``'s values."""
+    values = grad._values() if grad.is_sparse else grad
+    return torch.view_as_real(values) if values.is_complex() else values
 
 
 class FiniteCheck:
@@ -21,13 +37,10 @@ class FiniteCheck:
 
     def __call__(self, grads: list[torch.Tensor], scale: float = 1.0) -> bool:
         """Multiply ``grads`` by ``scale`` in place; return whether any holds an inf or NaN."""
-        if any(g.is_sparse for g in grads):
-            if scale != 1.0:
-                torch._foreach_mul_(grads, scale)
-            return not bool(torch.isfinite(get_total_norm(grads)))
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grad in grads:
-            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+            view = _real_dense(grad)
+            groups.setdefault((view.device, view.dtype), []).append(view)
         flags: dict[torch.device, torch.Tensor] = {}
         for (device, dtype), tensors in groups.items():
             found, unit = self._device_buffers(device)
@@ -39,7 +52,7 @@ class FiniteCheck:
                 if dtype == torch.float64:
                     torch._foreach_mul_(tensors, scale)
                 else:
-                    kernel_scale = torch.full((1,), scale, device=device)
+                    kernel_scale = torch.full((1,), scale, dtype=torch.float32, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, kernel_scale)
         return any(bool(flag.item()) for flag in flags.values())
 
@@ -47,7 +60,34 @@ class FiniteCheck:
         buffers = self._buffers.get(device)
         if buffers is None:
             buffers = self._buffers[device] = (
-                torch.zeros(1, device=device),
-                torch.ones(1, device=device),
+                torch.zeros(1, dtype=torch.float32, device=device),
+                torch.ones(1, dtype=torch.float32, device=device),
             )
         return buffers
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, as ``clip_grad_norm_`` computes it."""
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g.coalesce()._values() for g in grads if g.is_sparse]
+    return get_total_norm(dense + sparse)
+
+
+def clip_(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale ``grads`` in place so that their total 2-norm ``norm`` is at most ``max_norm``.
+
+    The same coefficient as ``clip_grad_norm_`` (multiplied even when it is clamped to 1,
+    which avoids a host sync), applied to sparse values in place as well.
+    """
+    coefficient = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for grad in grads:
+        values = grad._values() if grad.is_sparse else grad
+        groups.setdefault(values.device, []).append(values)
+    for device, tensors in groups.items():
+        torch._foreach_mul_(tensors, coefficient.to(device))
+
+
+def has_nonzero(grads: list[torch.Tensor]) -> bool:
+    """Whether any of ``grads`` holds a nonzero value (one sync per tensor; rare paths only)."""
+    return any(bool(_real_dense(g).any()) for g in grads)

@@ -5,11 +5,16 @@ runs. It does so by shadowing the bound method with an attribute on the *instanc
 the class (and every other optimizer) is untouched, and restoring exactly what was there
 before: a previous instance attribute (LR schedulers install one on ``optimizer.step``)
 or nothing at all.
+
+The replacement is itself a bound method of the instance, as the original was: an LR
+scheduler created inside the block wraps ``optimizer.step.__func__``, and pickling or
+deep-copying the instance (``torch.save(model)``) handles bound methods by name.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -31,21 +36,33 @@ class MethodPatches:
         self._saved: list[tuple[object, str, object]] = []
 
     def replace(
-        self, target: object, name: str, handler: Callable[..., Any], owner: object
+        self,
+        target: object,
+        name: str,
+        handler: Callable[..., Any],
+        owner: object,
+        *,
+        pass_self: bool = False,
     ) -> Callable[..., Any]:
-        """Route calls of ``target.name`` to ``handler``; return the original callable."""
+        """Route calls of ``target.name`` to ``handler``; return the original callable.
+
+        With ``pass_self`` the handler also receives the instance the method is bound to,
+        which differs from ``target`` in a deep copy of it.
+        """
         original: Callable[..., Any] = getattr(target, name)
 
-        # A fresh function per patch, so it can carry the owner tag (bound methods cannot).
-        # wraps() copies the original's attributes: LR schedulers look for theirs on
-        # optimizer.step and warn when it is missing.
+        # A fresh function per patch, so it can carry the owner tag. wraps() copies the
+        # original's attributes: LR schedulers look for theirs on optimizer.step and warn
+        # when it is missing.
         @functools.wraps(original)
-        def patched(*args: Any, **kwargs: Any) -> Any:
+        def patched(bound_to: object, *args: Any, **kwargs: Any) -> Any:
+            if pass_self:
+                return handler(bound_to, *args, **kwargs)
             return handler(*args, **kwargs)
 
         setattr(patched, OWNER_ATTRIBUTE, owner)
         self._saved.append((target, name, vars(target).get(name, _ABSENT)))
-        setattr(target, name, patched)
+        setattr(target, name, types.MethodType(patched, target))
         return original
 
     def scrub(self, target: object, attributes: dict[str, Any]) -> dict[str, Any]:

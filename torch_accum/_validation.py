@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -40,18 +41,54 @@ def check_model(model: object) -> torch.nn.Module:
     return model
 
 
-def check_optimizer(optimizer: object) -> torch.optim.Optimizer:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {_describe(optimizer)}; "
-            "pass the optimizer itself (for example torch.optim.AdamW(model.parameters()))"
-        )
-    return optimizer
+def check_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:
+    """One optimizer, or a non-empty list/tuple of distinct optimizers."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return (optimizer,)
+    if (
+        isinstance(optimizer, (list, tuple))
+        and optimizer
+        and all(isinstance(o, torch.optim.Optimizer) for o in optimizer)
+    ):
+        if len({id(o) for o in optimizer}) != len(optimizer):
+            raise ValueError("optimizer lists the same optimizer twice; pass each optimizer once")
+        shared = _shared_parameters(optimizer)
+        if shared:
+            raise ValueError(
+                f"optimizer: {shared} parameter(s) belong to more than one of the optimizers "
+                "passed, so they would be stepped twice per window; give each parameter to "
+                "one optimizer"
+            )
+        return tuple(optimizer)
+    raise TypeError(
+        f"optimizer must be a torch.optim.Optimizer, got {_describe(optimizer)}; pass the "
+        "optimizer itself (for example torch.optim.AdamW(model.parameters())), or a list of "
+        "optimizers that train on the same loss"
+    )
 
 
-def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer) -> Any:
+def _shared_parameters(optimizers: Sequence[torch.optim.Optimizer]) -> int:
+    seen: set[int] = set()
+    shared = 0
+    for optimizer in optimizers:
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        shared += len(ids & seen)
+        seen |= ids
+    return shared
+
+
+def check_schedulers(
+    scheduler: object, optimizers: Sequence[torch.optim.Optimizer]
+) -> tuple[Any, ...]:
+    """None, one scheduler, or a list/tuple of them, each bound to one of ``optimizers``."""
     if scheduler is None:
-        return None
+        return ()
+    schedulers = scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]
+    return tuple(_check_scheduler(s, optimizers) for s in schedulers)
+
+
+def _check_scheduler(scheduler: object, optimizers: Sequence[torch.optim.Optimizer]) -> Any:
+    optimizer = optimizers[0]
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise TypeError(
             "scheduler=ReduceLROnPlateau needs a metric, which the Accumulator cannot "
@@ -64,7 +101,7 @@ def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer) -> Any:
             f"{_describe(scheduler)}; pass a torch.optim.lr_scheduler.LRScheduler or None"
         )
     bound_to = getattr(scheduler, "optimizer", optimizer)
-    if bound_to is not optimizer:
+    if not any(bound_to is o for o in optimizers):
         raise ValueError(
             f"scheduler is bound to a different optimizer ({type(bound_to).__name__} at "
             f"{id(bound_to):#x}) than the one passed ({type(optimizer).__name__} at "
@@ -150,7 +187,8 @@ def check_weight(weight: object) -> float:
                 "weight must be a number, got a bool tensor; pass e.g. weight=mask.sum()"
             )
         value = float(weight.item())
-    elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    # numbers.Real covers int, float, Fraction and numpy's integer and floating scalars.
+    elif isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(
             f"weight must be a positive number or a one-element tensor, got {_describe(weight)}; "
             "pass e.g. weight=n_tokens"

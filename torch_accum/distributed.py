@@ -17,12 +17,15 @@ window needs one uniform correction, for which the ranks sum their weights once 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from torch_accum._window import Window
 
 try:  # public from torch 2.6 on
     from torch.distributed.fsdp import FSDPModule
@@ -50,6 +53,10 @@ class GradientSync:
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._saved_ddp_flag = True
         self.shared_reference_weight: float | None = None
+        # The window's forwards (DDP: whether each would synchronise its backward), or the
+        # flag of its latest backward (FSDP2): what says whether its gradients are averaged.
+        self._forward_flags: list[bool] = []
+        self._last_backward_synchronised = False
 
     @staticmethod
     def for_model(model: nn.Module, sync_each_micro_batch: bool) -> GradientSync | None:
@@ -74,7 +81,9 @@ class GradientSync:
             last = next_is_last()
             if last:
                 self.agree(finishing=False, pending=-1)
-            ddp.require_backward_grad_sync = last or self.sync_each_micro_batch
+            flag = last or self.sync_each_micro_batch
+            self._forward_flags.append(flag)
+            ddp.require_backward_grad_sync = flag
 
         self._hook = ddp.register_forward_pre_hook(before_forward)
 
@@ -91,10 +100,52 @@ class GradientSync:
             self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
     def before_backward(self, last: bool) -> None:
+        self._last_backward_synchronised = last or self.sync_each_micro_batch
         if not self.is_ddp:
             self.model.set_requires_gradient_sync(  # type: ignore[operator]
-                last or self.sync_each_micro_batch
+                self._last_backward_synchronised
             )
+
+    # ------------------------------------------------------------------ the window
+    def start_window(self) -> None:
+        """Forget the previous window's forwards (their backwards all ran)."""
+        del self._forward_flags[:-1]  # the latest forward may belong to this window
+
+    def _window_synchronised(self) -> bool:
+        """Whether DDP/FSDP2 averaged the window's gradients in its last backward.
+
+        Under DDP the forward decides; when a window's forwards all ran before its
+        backwards (contrastive losses), none of them was marked to synchronise, and the
+        window is averaged here instead.
+        """
+        if self.sync_each_micro_batch or not self.is_ddp:
+            return self._last_backward_synchronised
+        flags = self._forward_flags
+        if flags and flags[-1] and not any(flags[:-1]):
+            return True
+        if any(flags):
+            raise UnevenInputsError(
+                "the forwards and backwards of this window are not paired one to one: a "
+                "forward marked to synchronise gradients was followed by another forward "
+                "before its backward. Run each micro-batch's backward right after its forward, "
+                "or pass sync_each_micro_batch=True"
+            )
+        return False
+
+    def close_window(self, window: Window, grads: list[torch.Tensor]) -> float:
+        """Average a window that ended unsynchronised; return the uniform correction."""
+        if not self._window_synchronised():
+            if window.synchronise_in_backward:  # step_batch() has agreed already
+                self.agree(finishing=False, pending=-1)
+            self.average_pending(grads)
+        self._forward_flags.clear()
+        if not window.weighted:
+            # Every rank ran the same count (checked by agree): K / count everywhere.
+            return window.length / window.count
+        # Averaged over R ranks the gradient is sum(w g) / (R K w_ref); make it sum(w g) / W.
+        total = self.global_sum(window.weight_sum)
+        self.shared_reference_weight = total / (self.world_size * window.count)
+        return window.length * window.reference_weight * self.world_size / total
 
     # ------------------------------------------------------------------ collectives
     def agree(self, *, finishing: bool, pending: int) -> None:

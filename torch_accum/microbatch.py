@@ -3,17 +3,26 @@
 A batch is a tensor, or tuples/lists/dicts of them (nested); every tensor is split along
 dimension 0 and every other leaf (strings, numbers, None) goes to each micro-batch as it
 is. ``MicroBatchSize`` holds the size to use: fixed, or ``"auto"``, which halves on
-out-of-memory errors and can be sized up front from a memory budget.
+out-of-memory errors and can be sized up front from a memory budget. ``MicroBatchRunner``
+runs ``Accumulator.step_batch``: one logical batch as one window, replayed after an
+out-of-memory error from the same RNG state and buffers, so that a replay leaves no trace.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
-from collections.abc import Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+from torch_accum._validation import check_weight
+from torch_accum.memory import measure_activation_memory
+
+if TYPE_CHECKING:
+    from torch_accum.accumulator import Accumulator
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +127,10 @@ class MicroBatchSize:
         logger.info("out of memory with micro-batches of %d; retrying with %d", tried, self.current)
         return self.current
 
-    def after_success(self, batch_size: int) -> None:
+    def after_success(self, batch_size: int, *, retried: bool) -> None:
+        """Count a finished batch; one that needed a retry is not error-free."""
+        if retried:
+            return
         self._successes += 1
         if (
             self.auto
@@ -130,3 +142,160 @@ class MicroBatchSize:
             self._successes = 0
             self.current = min(2 * self.current, self.upper_bound or batch_size)
             logger.info("probing micro-batches of %d again", self.current)
+
+
+ComputeLoss = Callable[[Any], torch.Tensor]
+WeightOf = Callable[[Any], "float | int | torch.Tensor"]
+
+
+class _Snapshot:
+    """The RNG states and buffers a failed attempt may have changed, to replay from."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+        self.cpu_rng = torch.random.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        self.cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+
+    def restore(self, model: torch.nn.Module) -> None:
+        torch.random.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), self.buffers, strict=True):
+                buffer.copy_(saved)
+
+
+class MicroBatchRunner:
+    """Runs one logical batch as one optimizer step, in micro-batches that fit."""
+
+    def __init__(self, sizes: MicroBatchSize, memory_budget: int | None) -> None:
+        self.sizes = sizes
+        self.memory_budget = memory_budget
+        self._last_logged_size: int | None = None
+
+    def step_batch(
+        self, acc: Accumulator, batch: Any, compute_loss: ComputeLoss, weight: WeightOf | None
+    ) -> float:
+        sizes, sync = self.sizes, acc._sync
+        total = batch_size_of(batch)
+        size = sizes.for_batch(total)
+        if sizes.auto and self.memory_budget is not None and not sizes.sized_from_budget:
+            size = sizes.current = self._size_for_budget(acc, batch, compute_loss, total)
+            sizes.sized_from_budget = True
+        if sync is not None:
+            size = sizes.current = sync.agree_min(size)  # every rank cuts alike
+        # Only an adaptive size replays; a snapshot is taken for it alone.
+        snapshot = _Snapshot(acc.model) if sizes.auto else None
+        retried = False
+        while True:
+            failure = self._attempt(acc, batch, compute_loss, weight, size)
+            failed = failure is not None
+            if sync is not None:
+                failed = sync.any_rank(failed, always=True)
+            if not failed:
+                break
+            acc._drop_window(uncount=True)
+            _release_cached_memory()
+            if snapshot is None:
+                raise failure or RuntimeError("another rank ran out of memory")
+            if size == 1:
+                raise RuntimeError(
+                    "out of memory even with micro-batches of 1 sample; the model and "
+                    "optimizer state alone do not fit, or compute_loss keeps tensors alive"
+                ) from failure
+            snapshot.restore(acc.model)
+            size = sizes.after_oom(size)
+            retried = True
+        acc._close_window()
+        acc._apply_window()
+        if size != self._last_logged_size:
+            logger.info(
+                "batch of %d samples in micro-batches of %d (%d out-of-memory retries so far)",
+                total,
+                size,
+                sizes.oom_retries,
+            )
+            self._last_logged_size = size
+        sizes.after_success(total, retried=retried)
+        return cast(float, acc.loss)
+
+    def _attempt(
+        self,
+        acc: Accumulator,
+        batch: Any,
+        compute_loss: ComputeLoss,
+        weight: WeightOf | None,
+        size: int,
+    ) -> BaseException | None:
+        """Accumulate the whole batch; return the out-of-memory error that stopped it.
+
+        Any other error drops the partial batch (gradients and counts) and propagates: a
+        logical batch is applied whole or not at all.
+        """
+        pieces = split_batch(batch, size)
+        first_micro_batch, first_samples = pieces[0]
+        first_weight = check_weight(first_samples if weight is None else weight(first_micro_batch))
+        if acc._sync is not None:
+            # A shared reference agreed before the attempt: no collective may run inside it,
+            # where one rank can stop at an out-of-memory error.
+            first_weight = acc._sync.global_sum(first_weight) / acc._sync.world_size
+        acc._start_window(len(pieces), first_weight, True, by_runner=True)
+        try:
+            for micro_batch, samples in pieces:
+                loss = compute_loss(micro_batch)
+                micro_weight = check_weight(samples if weight is None else weight(micro_batch))
+                acc._accumulate(loss, micro_weight, synchronising=False)
+        except torch.OutOfMemoryError as error:
+            return error
+        except BaseException:
+            acc._drop_window(uncount=True)
+            raise
+        return None
+
+    def _size_for_budget(
+        self, acc: Accumulator, batch: Any, compute_loss: ComputeLoss, total: int
+    ) -> int:
+        """The largest micro-batch whose measured activation peak fits ``memory_budget``.
+
+        A 4-sample probe gives a first guess; a bisection on measured peaks then finds the
+        largest size that fits, also when part of the memory does not grow with the batch.
+        """
+        budget = cast(int, self.memory_budget)
+        upper = min(total, self.sizes.upper_bound or total)
+        probe = min(upper, 4)
+        per_sample = max(1.0, self._measure_peak(acc, batch, compute_loss, probe) / probe)
+        fits, too_big = 0, upper + 1  # largest size known to fit, smallest known not to
+        guess = max(1, min(upper, int(budget // per_sample)))
+        while fits + 1 < too_big:
+            size = min(max(guess, fits + 1), too_big - 1)
+            if self._measure_peak(acc, batch, compute_loss, size) <= budget:
+                fits = size
+                guess = min(too_big - 1, 2 * size)
+            else:
+                too_big = size
+                guess = (fits + too_big) // 2
+        size = max(1, fits)
+        logger.info("memory_budget %d bytes: micro-batches of %d", budget, size)
+        return size
+
+    @staticmethod
+    def _measure_peak(acc: Accumulator, batch: Any, compute_loss: ComputeLoss, size: int) -> int:
+        """Measure one micro-batch's activation peak, leaving no trace in the model."""
+        micro_batch = split_batch(batch, size)[0][0]
+        snapshot = _Snapshot(acc.model)
+        try:
+            with acc._sync_paused():
+                memory = measure_activation_memory(
+                    lambda: compute_loss(micro_batch), parameters=acc.model.parameters()
+                )
+        finally:
+            snapshot.restore(acc.model)
+            acc._clear_gradients()
+        return memory.peak
+
+
+def _release_cached_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
