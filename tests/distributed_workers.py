@@ -190,6 +190,20 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
             optimizer.step()
     results["partial_known_length"] = (params_of(model.module), len(syncs))
 
+    # All of a window's forwards before its backwards (a contrastive loop; accelerate's
+    # test_distributed_sync_multiple_fwd): no forward was marked to synchronise, so the
+    # window is averaged when it closes instead of each rank stepping on its own gradient.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, k) as acc:
+        for start in range(0, len(micro), k):
+            losses = [nn.functional.mse_loss(model(x), y) for x, y in micro[start : start + k]]
+            for loss in losses:
+                acc.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+    results["forwards_first"] = (params_of(model.module), acc.optimizer_steps)
+
     # An error in the body restores DDP's flag and removes the hook.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())

@@ -54,6 +54,16 @@ def test_one_gradient_all_reduce_per_optimizer_step(ddp):
         assert rank["syncs/naive"] == K * STEPS
 
 
+def test_forwards_before_backwards_are_synchronised_exactly(ddp):
+    # Issue 11, item 11: before the fix each rank stepped on its local gradient (0.28 apart).
+    expected = reference("sgd", global_batches(STEPS, 2 * K * B))
+    for rank in ddp:
+        got, steps = rank["forwards_first"]
+        assert steps == STEPS
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
 def test_ranks_gradients_differ_between_boundaries(ddp):
     first = [rank["first_grads"] for rank in ddp]
     assert any(not torch.equal(a, b) for a, b in zip(*first, strict=True))
