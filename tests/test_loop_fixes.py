@@ -220,12 +220,14 @@ def test_item3_unknown_scheduler_stepped_per_micro_batch_raises():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    with pytest.raises(RuntimeError, match=r"learning rate .* changed in the middle .* scheduler="):
-        with Accumulator(model, optimizer, 2) as acc:
-            for batch in make_batches(4, 4):
-                acc.backward(mse(model, batch))
-                optimizer.step()
-                scheduler.step()  # per micro-batch, unknown to the Accumulator
+    with (
+        pytest.raises(RuntimeError, match=r"learning rate .* changed in the middle .* scheduler="),
+        Accumulator(model, optimizer, 2) as acc,
+    ):
+        for batch in make_batches(4, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            scheduler.step()  # per micro-batch, unknown to the Accumulator
 
 
 class StepOnly:
@@ -375,23 +377,27 @@ def test_item6_set_to_none_false_keeps_updating_unused_parameters():
 def test_item7_loss_backward_instead_of_acc_backward_raises():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(RuntimeError, match=r"no acc.backward\(\) ran .* acc.backward\(loss\)"):
-        with Accumulator(model, optimizer, 4):
-            for batch in make_batches(4, 4):
-                mse(model, batch).backward()
-                optimizer.step()
-                optimizer.zero_grad()
+    with (
+        pytest.raises(RuntimeError, match=r"no acc.backward\(\) ran .* acc.backward\(loss\)"),
+        Accumulator(model, optimizer, 4),
+    ):
+        for batch in make_batches(4, 4):
+            mse(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
 
 
 def test_item7_loss_backward_in_the_middle_of_a_window_raises():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = make_batches(4, 4)
-    with pytest.raises(RuntimeError, match=r"changed between two acc.backward\(\) calls"):
-        with Accumulator(model, optimizer, 4) as acc:
-            acc.backward(mse(model, batches[0]))
-            mse(model, batches[1]).backward()
-            acc.backward(mse(model, batches[2]))
+    with (
+        pytest.raises(RuntimeError, match=r"changed between two acc.backward\(\) calls"),
+        Accumulator(model, optimizer, 4) as acc,
+    ):
+        acc.backward(mse(model, batches[0]))
+        mse(model, batches[1]).backward()
+        acc.backward(mse(model, batches[2]))
 
 
 # ----------------------------------------------------------------------------- item 8
@@ -451,15 +457,15 @@ def test_item8_two_optimizers_and_schedulers_in_one_accumulator(max_grad_norm):
 def test_item8_one_accumulator_per_optimizer_on_one_loss_raises():
     model = TwoParts()
     body_optimizer, head_optimizer = two_optimizers(model)
-    with pytest.raises(RuntimeError, match=r"Accumulator\(model, \[optimizer_a, optimizer_b\]\)"):
-        with (
-            Accumulator(model, body_optimizer, 2) as acc,
-            Accumulator(model.head, head_optimizer, 2),
-        ):
-            for batch in make_batches(4, 4):
-                acc.backward(mse(model, batch))
-                body_optimizer.step()
-                head_optimizer.step()
+    with (
+        pytest.raises(RuntimeError, match=r"Accumulator\(model, \[optimizer_a, optimizer_b\]\)"),
+        Accumulator(model, body_optimizer, 2) as acc,
+        Accumulator(model.head, head_optimizer, 2),
+    ):
+        for batch in make_batches(4, 4):
+            acc.backward(mse(model, batch))
+            body_optimizer.step()
+            head_optimizer.step()
 
 
 def test_item8_gan_style_accumulators_that_pollute_each_other_raise():
@@ -469,16 +475,19 @@ def test_item8_gan_style_accumulators_that_pollute_each_other_raise():
     acc_g = Accumulator(generator, g_optimizer, 2)
     acc_d = Accumulator(discriminator, d_optimizer, 2)
     real = torch.randn(8, 6, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"changed between two acc.backward\(\) calls"):
-        with acc_g, acc_d:
-            for _ in range(2):
-                fake = generator(torch.randn(8, 4, dtype=torch.float64))
-                d_loss = discriminator(real).mean() - discriminator(fake.detach()).mean()
-                acc_d.backward(d_loss)
-                d_optimizer.step()
-                g_loss = discriminator(fake).mean()  # reaches the discriminator's parameters
-                acc_g.backward(g_loss)
-                g_optimizer.step()
+    with (
+        pytest.raises(RuntimeError, match=r"changed between two acc.backward\(\) calls"),
+        acc_g,
+        acc_d,
+    ):
+        for _ in range(2):
+            fake = generator(torch.randn(8, 4, dtype=torch.float64))
+            d_loss = discriminator(real).mean() - discriminator(fake.detach()).mean()
+            acc_d.backward(d_loss)
+            d_optimizer.step()
+            g_loss = discriminator(fake).mean()  # reaches the discriminator's parameters
+            acc_g.backward(g_loss)
+            g_optimizer.step()
 
 
 def test_item8_overlapping_optimizers_are_refused():
@@ -652,11 +661,13 @@ def test_item13_iterate_on_an_empty_iterable_and_outside_the_block():
 def test_item13_more_micro_batches_than_declared_raises():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(RuntimeError, match=r"more often than the 3 micro-batches"):
-        with Accumulator(model, optimizer, 2, total_micro_batches=3) as acc:
-            for batch in make_batches(4, 4):
-                acc.backward(mse(model, batch))
-                optimizer.step()
+    with (
+        pytest.raises(RuntimeError, match=r"more often than the 3 micro-batches"),
+        Accumulator(model, optimizer, 2, total_micro_batches=3) as acc,
+    ):
+        for batch in make_batches(4, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
 
 
 # ----------------------------------------------------------------------------- item 14
