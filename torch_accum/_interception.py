@@ -14,6 +14,8 @@ patched on the instance        routed to
 ``scaler.step(optimizer)``     ``on_step`` for the Accumulator's optimizers
 ``scaler.update``              nothing: the boundary updates the scaler
 ``scaler.unscale_(optimizer)``  ``on_unscale``: unscales a complete window once
+``scaler.scale(loss)``         the real one; the result is remembered, so that
+                               ``acc.backward`` refuses a loss scaled twice
 ============================  ===============================================================
 
 While the boundary update runs (the window is ``APPLYING``) every call passes straight
@@ -22,6 +24,7 @@ through to the original, so the boundary can use the public methods.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -59,6 +62,7 @@ class LoopInterception:
         self._real_steps: list[Callable[..., Any]] = []
         self._real_zero_grads: list[Callable[..., Any]] = []
         self._module_zero_grads: dict[int, Callable[..., Any]] = {}
+        self._scaled: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
 
     @property
     def patches(self) -> MethodPatches:
@@ -100,6 +104,10 @@ class LoopInterception:
         self._module_zero_grads.clear()
         self._real_steps.clear()
         self._real_zero_grads.clear()
+
+    def was_scaled(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` came out of the scaler's ``scale`` in this block."""
+        return loss in self._scaled
 
     def real_zero_grad(self, index: int, set_to_none: bool) -> None:
         if self._real_zero_grads:
@@ -180,8 +188,17 @@ class LoopInterception:
             if handlers.passing_through() or index is None or handlers.on_unscale(index):
                 real_unscale(optimizer)
 
+        real_scale = scaler.scale
+
+        def scale(outputs: Any) -> Any:
+            scaled = real_scale(outputs)
+            if isinstance(scaled, torch.Tensor):
+                self._scaled.add(scaled)
+            return scaled
+
         replace(scaler, "step", step, owner)
         replace(scaler, "unscale_", unscale_, owner)
+        replace(scaler, "scale", scale, owner)
         replace(scaler, "update", self._swallow(handlers, scaler.update), owner)
 
 
@@ -218,5 +235,6 @@ class GradientWatch:
             "acc.backward(loss), a second loss or Accumulator reaching the same parameters "
             "(pass optimizers that train on one loss to one Accumulator), clipping or "
             "zeroing gradients in the loop (use max_grad_norm=, or clip under `if "
-            "acc.sync_gradients:`). acc.discard() drops the window"
+            "acc.sync_gradients:`), or a GradScaler not passed to the Accumulator unscaling "
+            "them (pass scaler=). acc.discard() drops the window"
         )

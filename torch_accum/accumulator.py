@@ -8,7 +8,6 @@ synchronisation (``distributed.py``) and whole-batch micro-batching (``microbatc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from torch_accum._boundary import BoundaryUpdate
-from torch_accum._gradients import FiniteCheck, has_nonzero
-from torch_accum._interception import GradientWatch, LoopInterception
+from torch_accum._driver import WindowDriver
+from torch_accum._interception import LoopInterception
 from torch_accum._state import RunState
 from torch_accum._validation import (
     check_accumulation_steps,
@@ -35,7 +34,7 @@ from torch_accum._validation import (
     check_schedulers,
     check_weight,
 )
-from torch_accum._window import Window, WindowState
+from torch_accum._window import WindowState
 from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
 from torch_accum.distributed import GradientSync
 from torch_accum.microbatch import MicroBatchRunner, MicroBatchSize
@@ -46,17 +45,6 @@ logger = logging.getLogger(__name__)
 PartialWindow = Literal["apply", "discard", "carry"]
 OnNonFinite = Literal["skip", "raise"]
 Item = TypeVar("Item")
-
-# Windows whose micro-batch ended them with a real (or skipped) step: sync_gradients holds.
-_ENDED = frozenset(
-    {
-        WindowState.COMPLETE,
-        WindowState.UNSCALED,
-        WindowState.APPLYING,
-        WindowState.APPLIED,
-        WindowState.SKIPPED,
-    }
-)
 
 
 class Accumulator:
@@ -196,17 +184,17 @@ class Accumulator:
             self.model, self.optimizers, self.schedulers, self.scaler
         )
         self._sync = GradientSync.for_model(self.model, self.sync_each_micro_batch)
-        # Gradients must not change between the micro-batches of a window (FSDP2 keeps
-        # unsynchronised gradients internally, so there is nothing to watch).
-        self._watch = GradientWatch() if self._sync is None or self._sync.is_ddp else None
-        self._finite_check = FiniteCheck()
-        self._progress: ProgressBar | None = None
+        self._driver = WindowDriver(
+            self.model,
+            self.optimizers,
+            self._boundary,
+            self._interception,
+            self._run,
+            self._sync,
+            partial_window=self.partial_window,
+            sync_each_micro_batch=self.sync_each_micro_batch,
+        )
         self._active = False
-        self._probing = False
-        # The block's micro-batch count when known (total_micro_batches, or iterate()).
-        self._block_end: int | None = None
-        # The loop's latest zero_grad(set_to_none=...) choice, for the clearing it defers.
-        self._set_to_none = True
 
     # ------------------------------------------------------------------ observability
     @property
@@ -241,11 +229,7 @@ class Accumulator:
         boundary too when the block's length is known (``total_micro_batches`` or
         ``iterate``); otherwise it is applied when the block exits.
         """
-        window = self._run.window
-        if window.state in _ENDED:
-            return True
-        # Before the first backward of a window only K=1 is known to end it.
-        return window.pending == 0 and self.accumulation_steps == 1
+        return self._driver.sync_gradients
 
     @property
     def micro_step(self) -> int:
@@ -289,19 +273,19 @@ class Accumulator:
             )
         self._interception.check_free()
         try:
-            self._interception.install(self, owner=self)
+            self._interception.install(self._driver, owner=self)
             if self._checkpointing is not None:
                 self._checkpointing.install(self._interception.patches, self)
             if self._sync is not None:
-                self._sync.enter(self._next_is_last)
+                self._sync.enter(self._driver.next_is_last)
         except BaseException:
             self._restore()
             raise
         self._run.block_micro_batches = 0
-        self._block_end = self.total_micro_batches
+        self._driver.block_end = self.total_micro_batches
         if self.progress:
             total = self.total_micro_batches
-            self._progress = ProgressBar(
+            self._driver.progress = ProgressBar(
                 None if total is None else -(-total // self.accumulation_steps)
             )
         self._active = True
@@ -317,38 +301,21 @@ class Accumulator:
             # After an exception nothing is applied: the pending window stays as it is
             # (see state_dict; acc.discard() drops it) and the user decides.
             if exc_type is None:
-                self._finish_block()
+                self._driver.finish_block()
         finally:
             self._active = False
-            self._block_end = None
+            self._driver.block_end = None
             self._restore()
 
     def _restore(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
+        if self._driver.progress is not None:
+            self._driver.progress.close()
+            self._driver.progress = None
         try:
             if self._sync is not None:
                 self._sync.exit()
         finally:
             self._interception.restore()
-
-    def _finish_block(self) -> None:
-        window = self._run.window
-        if self._sync is not None:
-            self._sync.agree(finishing=True, pending=window.pending)
-        if window.pending and not window.is_ready:
-            if self.partial_window == "apply":
-                logger.debug("applying a partial window of %d micro-batches", window.count)
-                self._close_window()
-            elif self.partial_window == "discard":
-                logger.info("discarding a partial window of %d micro-batches", window.count)
-                self._drop_window()
-            else:
-                logger.debug("carrying a partial window of %d micro-batches over", window.count)
-        if window.is_ready:
-            self._apply_window()
-        self._clear_stale_gradients()
 
     # ------------------------------------------------------------------ the loop's calls
     def backward(
@@ -378,29 +345,9 @@ class Accumulator:
             1
         """
         self._require_active("acc.backward()")
-        if self._run.window.is_ready:
-            raise RuntimeError(
-                "the previous window is complete but its update was not applied: call "
-                "optimizer.step() (or scaler.step(optimizer)) after every acc.backward()"
-            )
         loss = check_loss(loss)
         weight_value = 1.0 if weight is None else check_weight(weight)
-        if self._block_end is not None and self._run.block_micro_batches >= self._block_end:
-            raise RuntimeError(
-                f"acc.backward() was called more often than the {self._block_end} micro-batches "
-                "this block was declared to run (total_micro_batches, or the items of "
-                "acc.iterate(): one acc.backward() per item)"
-            )
-        window = self._run.window
-        if window.is_terminal or window.count == 0:
-            window = self._start_window(self.accumulation_steps, weight_value, weight is not None)
-        elif self._watch is not None:
-            self._watch.check(self._parameter_names)
-        synchronising = self._next_is_last() or self.sync_each_micro_batch
-        self._accumulate(loss, weight_value, synchronising=synchronising)
-        block_ends = self._block_end == self._run.block_micro_batches
-        if window.count == window.length or (block_ends and self.partial_window == "apply"):
-            self._close_window()
+        self._driver.micro_batch(loss, weight_value, weighted=weight is not None)
 
     def iterate(self, iterable: Iterable[Item]) -> Iterator[Item]:
         """Yield the items of ``iterable``, looking one ahead to find the last.
@@ -435,7 +382,7 @@ class Accumulator:
             yield item
             item = upcoming
         self._require_active("acc.iterate()")
-        self._block_end = self._run.block_micro_batches + 1
+        self._driver.block_end = self._run.block_micro_batches + 1
         yield item
 
     def discard(self) -> int:
@@ -450,7 +397,7 @@ class Accumulator:
             raise RuntimeError("acc.discard() cannot run during the optimizer update")
         dropped = window.pending
         if dropped:
-            self._drop_window()
+            self._driver.drop_window()
         return dropped
 
     # ------------------------------------------------------------------ whole batches
@@ -510,7 +457,7 @@ class Accumulator:
             )
         if self._sync is not None and not self._sync.is_ddp:
             raise RuntimeError("step_batch() supports DDP but not FSDP2 yet; use acc.backward()")
-        return self._runner.step_batch(self, batch, compute_loss, weight)
+        return self._runner.step_batch(self._driver, batch, compute_loss, weight)
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
@@ -540,13 +487,10 @@ class Accumulator:
         """Restore what ``state_dict`` saved, including pending gradients."""
         if self._run.window.state is WindowState.APPLYING:
             raise RuntimeError("load_state_dict() cannot run during an optimizer update")
-        self._run.load_state_dict(state_dict, self._boundary.parameters(), self._finite_check)
-        if self._watch is not None:
-            self._watch.record(self._boundary.parameters())
-
-    # ------------------------------------------------------------------ the window's life
-    def _parameter_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.model.named_parameters()}
+        driver = self._driver
+        self._run.load_state_dict(state_dict, self._boundary.parameters(), driver.finite_check)
+        if driver.watch is not None:
+            driver.watch.record(self._boundary.parameters())
 
     def _require_active(self, what: str) -> None:
         if not self._active:
@@ -554,168 +498,6 @@ class Accumulator:
                 f"{what} was called outside the `with acc:` block; put the training loop "
                 "inside `with acc:`"
             )
-
-    def _start_window(
-        self, length: int, first_weight: float, weighted: bool, *, by_runner: bool = False
-    ) -> Window:
-        """Begin a window (or set up an empty one) whose first micro-batch weighs this."""
-        window = self._run.window
-        if window.is_terminal or by_runner:
-            self._clear_stale_gradients()
-            window = self._run.window = Window(length)
-        window.length = length
-        window.weighted = weighted
-        window.synchronise_in_backward = not by_runner
-        if by_runner or self._sync is None:
-            window.reference_weight = first_weight
-        else:
-            # Across ranks the relative weights must share one reference (distributed.py).
-            window.reference_weight = self._sync.shared_reference(first_weight) if weighted else 1.0
-        window.learning_rates = self._boundary.learning_rates()
-        if self._sync is not None:
-            self._sync.start_window()
-        return window
-
-    def _accumulate(self, loss: torch.Tensor, weight: float, *, synchronising: bool) -> None:
-        window = self._run.window
-        relative_weight = window.relative_weight(weight)
-        # Weighting the loss costs nothing in backward; the boundary corrects for what the
-        # weights of later micro-batches turn out to be (see _window.py).
-        factor = relative_weight / window.length
-        scaler = self.scaler if self._boundary.scaler_enabled else None
-        to_backward = loss if scaler is None else scaler.scale(loss)
-        if self._sync is not None:
-            self._sync.before_backward(synchronising)
-        # Seeding backward with the factor adds no graph node; a fresh seed each time,
-        # since autograd may adopt the seed as a .grad (a loss that is a view of a leaf).
-        seed = None if factor == 1.0 else torch.full_like(to_backward, factor)
-        to_backward.backward(seed)  # type: ignore[no-untyped-call]
-        window.add(relative_weight, loss)
-        self._run.block_micro_batches += 1
-        if self._watch is not None and window.count < window.length:
-            self._watch.record(self._boundary.parameters())
-        if self._progress is not None:
-            self._progress.micro_batch(window.count, window.length)
-
-    def _close_window(self) -> None:
-        window = self._run.window
-        grads = self._boundary.grads()
-        correction = window.correction
-        if self._sync is not None:
-            correction = self._sync.close_window(window, grads)
-        if self._boundary.checks_gradients_itself:
-            # Correct and look for inf/NaN in one pass; the update reads the verdict.
-            nonfinite = bool(grads) and self._finite_check(grads, correction)
-            window.nonfinite = nonfinite if self._sync is None else self._sync.any_rank(nonfinite)
-        elif correction != 1.0 and grads:
-            torch._foreach_mul_(grads, correction)
-        window.move_to(WindowState.COMPLETE, "acc.backward()")
-
-    def _apply_window(self) -> None:
-        window = self._run.window
-        self._boundary.check_learning_rates(window.learning_rates)
-        try:
-            self._boundary.apply(window, self.optimizer_steps + 1)
-        finally:
-            self._run.finish_window()
-            if window.state is WindowState.DISCARDED:
-                window.cleared_by_loop.update(range(len(self.optimizers)))
-        if self._progress is not None:
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            self._progress.optimizer_step(self.loss, lr, self.skipped_steps)
-
-    def _drop_window(self, *, uncount: bool = False) -> None:
-        """Drop the current window: gradients, counts (and block count, for a replay)."""
-        window = self._run.window
-        if uncount:
-            self._run.block_micro_batches -= window.count
-        if not window.is_terminal:
-            window.move_to(WindowState.DISCARDED, "acc.discard()")
-        self._clear_gradients()
-        window.cleared_by_loop.update(range(len(self.optimizers)))
-
-    def _clear_gradients(self) -> None:
-        for index in range(len(self.optimizers)):
-            self._interception.real_zero_grad(index, set_to_none=True)
-        nn.Module.zero_grad(self.model, set_to_none=True)
-
-    def _clear_stale_gradients(self) -> None:
-        """Clear what a finished window left, where the loop has not cleared it itself."""
-        window = self._run.window
-        if not window.is_terminal:
-            return
-        for index in range(len(self.optimizers)):
-            if index not in window.cleared_by_loop:
-                self._interception.real_zero_grad(index, set_to_none=self._set_to_none)
-                window.cleared_by_loop.add(index)
-
-    def _next_is_last(self) -> bool:
-        """Whether the next micro-batch ends a window (or the block, when its end is known)."""
-        window = self._run.window
-        if self._probing or not window.synchronise_in_backward:
-            return False  # step_batch() synchronises explicitly, after the ranks agree
-        count, length = window.pending, window.length
-        if window.is_terminal:
-            length = self.accumulation_steps
-        block_ends = (
-            self._block_end is not None
-            and self._run.block_micro_batches + 1 == self._block_end
-            and self.partial_window == "apply"
-        )
-        return count + 1 == length or block_ends
-
-    @contextlib.contextmanager
-    def _sync_paused(self) -> Iterator[None]:
-        """No gradient synchronisation (memory probes of step_batch)."""
-        self._probing = True
-        try:
-            yield
-        finally:
-            self._probing = False
-
-    # ------------------------------------------------------------------ LoopHandlers
-    def passing_through(self) -> bool:
-        """Intercepted calls go straight through while the boundary update runs."""
-        return self._run.window.state is WindowState.APPLYING
-
-    def on_step(self, index: int) -> None:
-        window = self._run.window
-        if window.is_ready:
-            self._apply_window()
-        elif window.state is WindowState.ACCUMULATING and window.count == 0:
-            grads = [
-                p.grad
-                for group in self.optimizers[index].param_groups
-                for p in group["params"]
-                if p.grad is not None
-            ]
-            if has_nonzero(grads):
-                raise RuntimeError(
-                    "optimizer.step() found gradients, but no acc.backward() ran in this "
-                    "window, so nothing would ever be applied: replace loss.backward() by "
-                    "acc.backward(loss). If a second optimizer trains on the same loss, pass "
-                    "both to one Accumulator: Accumulator(model, [optimizer_a, optimizer_b])"
-                )
-
-    def on_zero_grad(self, index: int | None, set_to_none: bool) -> bool:
-        """Whether the loop's zero_grad may clear now; remembers its ``set_to_none``."""
-        self._set_to_none = set_to_none
-        window = self._run.window
-        if window.is_terminal:
-            if index is not None:
-                window.cleared_by_loop.add(index)
-            return True
-        return window.state is WindowState.ACCUMULATING and window.count == 0
-
-    def on_unscale(self, index: int) -> bool:
-        """Whether the loop's scaler.unscale_ may unscale now (once, on a complete window)."""
-        window = self._run.window
-        if not window.is_ready or index in window.unscaled:
-            return False
-        window.unscaled.add(index)
-        if window.state is WindowState.COMPLETE:
-            window.move_to(WindowState.UNSCALED, "scaler.unscale_(optimizer)")
-        return True
 
 
 PARTIAL_WINDOWS = ("apply", "discard", "carry")

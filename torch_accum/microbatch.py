@@ -22,7 +22,7 @@ from torch_accum._validation import check_weight
 from torch_accum.memory import measure_activation_memory
 
 if TYPE_CHECKING:
-    from torch_accum.accumulator import Accumulator
+    from torch_accum._driver import WindowDriver
 
 logger = logging.getLogger(__name__)
 
@@ -175,27 +175,27 @@ class MicroBatchRunner:
         self._last_logged_size: int | None = None
 
     def step_batch(
-        self, acc: Accumulator, batch: Any, compute_loss: ComputeLoss, weight: WeightOf | None
+        self, driver: WindowDriver, batch: Any, compute_loss: ComputeLoss, weight: WeightOf | None
     ) -> float:
-        sizes, sync = self.sizes, acc._sync
+        sizes, sync = self.sizes, driver.sync
         total = batch_size_of(batch)
         size = sizes.for_batch(total)
         if sizes.auto and self.memory_budget is not None and not sizes.sized_from_budget:
-            size = sizes.current = self._size_for_budget(acc, batch, compute_loss, total)
+            size = sizes.current = self._size_for_budget(driver, batch, compute_loss, total)
             sizes.sized_from_budget = True
         if sync is not None:
             size = sizes.current = sync.agree_min(size)  # every rank cuts alike
         # Only an adaptive size replays; a snapshot is taken for it alone.
-        snapshot = _Snapshot(acc.model) if sizes.auto else None
+        snapshot = _Snapshot(driver.model) if sizes.auto else None
         retried = False
         while True:
-            failure = self._attempt(acc, batch, compute_loss, weight, size)
+            failure = self._attempt(driver, batch, compute_loss, weight, size)
             failed = failure is not None
             if sync is not None:
                 failed = sync.any_rank(failed, always=True)
             if not failed:
                 break
-            acc._drop_window(uncount=True)
+            driver.drop_window(uncount=True)
             _release_cached_memory()
             if snapshot is None:
                 raise failure or RuntimeError("another rank ran out of memory")
@@ -204,11 +204,11 @@ class MicroBatchRunner:
                     "out of memory even with micro-batches of 1 sample; the model and "
                     "optimizer state alone do not fit, or compute_loss keeps tensors alive"
                 ) from failure
-            snapshot.restore(acc.model)
+            snapshot.restore(driver.model)
             size = sizes.after_oom(size)
             retried = True
-        acc._close_window()
-        acc._apply_window()
+        driver.close_window()
+        driver.apply_window()
         if size != self._last_logged_size:
             logger.info(
                 "batch of %d samples in micro-batches of %d (%d out-of-memory retries so far)",
@@ -218,11 +218,11 @@ class MicroBatchRunner:
             )
             self._last_logged_size = size
         sizes.after_success(total, retried=retried)
-        return cast(float, acc.loss)
+        return cast(float, driver.run.loss())
 
     def _attempt(
         self,
-        acc: Accumulator,
+        driver: WindowDriver,
         batch: Any,
         compute_loss: ComputeLoss,
         weight: WeightOf | None,
@@ -236,25 +236,25 @@ class MicroBatchRunner:
         pieces = split_batch(batch, size)
         first_micro_batch, first_samples = pieces[0]
         first_weight = check_weight(first_samples if weight is None else weight(first_micro_batch))
-        if acc._sync is not None:
+        if driver.sync is not None:
             # A shared reference agreed before the attempt: no collective may run inside it,
             # where one rank can stop at an out-of-memory error.
-            first_weight = acc._sync.global_sum(first_weight) / acc._sync.world_size
-        acc._start_window(len(pieces), first_weight, True, by_runner=True)
+            first_weight = driver.sync.global_sum(first_weight) / driver.sync.world_size
+        driver.start_window(len(pieces), first_weight, True, by_runner=True)
         try:
             for micro_batch, samples in pieces:
                 loss = compute_loss(micro_batch)
                 micro_weight = check_weight(samples if weight is None else weight(micro_batch))
-                acc._accumulate(loss, micro_weight, synchronising=False)
+                driver.accumulate(loss, micro_weight, synchronising=False)
         except torch.OutOfMemoryError as error:
             return error
         except BaseException:
-            acc._drop_window(uncount=True)
+            driver.drop_window(uncount=True)
             raise
         return None
 
     def _size_for_budget(
-        self, acc: Accumulator, batch: Any, compute_loss: ComputeLoss, total: int
+        self, driver: WindowDriver, batch: Any, compute_loss: ComputeLoss, total: int
     ) -> int:
         """The largest micro-batch whose measured activation peak fits ``memory_budget``.
 
@@ -264,12 +264,12 @@ class MicroBatchRunner:
         budget = cast(int, self.memory_budget)
         upper = min(total, self.sizes.upper_bound or total)
         probe = min(upper, 4)
-        per_sample = max(1.0, self._measure_peak(acc, batch, compute_loss, probe) / probe)
+        per_sample = max(1.0, self._measure_peak(driver, batch, compute_loss, probe) / probe)
         fits, too_big = 0, upper + 1  # largest size known to fit, smallest known not to
         guess = max(1, min(upper, int(budget // per_sample)))
         while fits + 1 < too_big:
             size = min(max(guess, fits + 1), too_big - 1)
-            if self._measure_peak(acc, batch, compute_loss, size) <= budget:
+            if self._measure_peak(driver, batch, compute_loss, size) <= budget:
                 fits = size
                 guess = min(too_big - 1, 2 * size)
             else:
@@ -280,18 +280,20 @@ class MicroBatchRunner:
         return size
 
     @staticmethod
-    def _measure_peak(acc: Accumulator, batch: Any, compute_loss: ComputeLoss, size: int) -> int:
+    def _measure_peak(
+        driver: WindowDriver, batch: Any, compute_loss: ComputeLoss, size: int
+    ) -> int:
         """Measure one micro-batch's activation peak, leaving no trace in the model."""
         micro_batch = split_batch(batch, size)[0][0]
-        snapshot = _Snapshot(acc.model)
+        snapshot = _Snapshot(driver.model)
         try:
-            with acc._sync_paused():
+            with driver.sync_paused():
                 memory = measure_activation_memory(
-                    lambda: compute_loss(micro_batch), parameters=acc.model.parameters()
+                    lambda: compute_loss(micro_batch), parameters=driver.model.parameters()
                 )
         finally:
-            snapshot.restore(acc.model)
-            acc._clear_gradients()
+            snapshot.restore(driver.model)
+            driver.clear_gradients()
         return memory.peak
 
 
