@@ -50,6 +50,8 @@ class BoundaryUpdate:
         self.scaler = scaler
         self.max_grad_norm = max_grad_norm
         self.on_nonfinite = on_nonfinite
+        self._parameters: list[torch.Tensor] = []
+        self._parameters_shape: list[int] = []
         # Per apply(): the state to return to if no optimizer stepped, the state it ends
         # in once that is decided, and the step number.
         self._rollback = WindowState.COMPLETE
@@ -66,15 +68,19 @@ class BoundaryUpdate:
         return not self.scaler_enabled and self.max_grad_norm is None
 
     def parameters(self) -> list[torch.Tensor]:
-        seen: set[int] = set()
-        params = []
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if id(param) not in seen:
-                        seen.add(id(param))
-                        params.append(param)
-        return params
+        """Every optimizer's parameters, each once (cached until the param groups change)."""
+        shape = [len(group["params"]) for o in self.optimizers for group in o.param_groups]
+        if shape != self._parameters_shape:
+            seen: set[int] = set()
+            self._parameters = []
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        if id(param) not in seen:
+                            seen.add(id(param))
+                            self._parameters.append(param)
+            self._parameters_shape = shape
+        return self._parameters
 
     def grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.parameters() if p.grad is not None]
@@ -126,13 +132,12 @@ class BoundaryUpdate:
             window.move_to(self._outcome or self._rollback)
 
     def _plain_update(self, window: Window) -> None:
-        grads = self.grads()
-        norm = None
-        if self.max_grad_norm is not None and grads:
-            norm = total_norm(grads)
-            nonfinite = not math.isfinite(float(norm))
+        if self.max_grad_norm is not None:
+            grads = self.grads()
+            norm = total_norm(grads) if grads else None
+            nonfinite = norm is not None and not math.isfinite(float(norm))
         else:
-            nonfinite = bool(window.nonfinite)
+            grads, norm, nonfinite = [], None, bool(window.nonfinite)
         if nonfinite:
             self._reject_nonfinite(window)
             return

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from torch_accum._boundary import BoundaryUpdate
-from torch_accum._gradients import FiniteCheck, has_nonzero
+from torch_accum._gradients import BackwardSeeds, FiniteCheck, has_nonzero
 from torch_accum._interception import GradientWatch, LoopInterception
 from torch_accum._state import RunState
 from torch_accum._window import Window, WindowState
@@ -66,6 +66,7 @@ class WindowDriver:
         # unsynchronised gradients internally, so there is nothing to watch).
         self.watch = GradientWatch() if sync is None or sync.is_ddp else None
         self.finite_check = FiniteCheck()
+        self.seeds = BackwardSeeds()
         self.progress: ProgressBar | None = None
         self.probing = False
         # The block's micro-batch count when known (total_micro_batches, or iterate()).
@@ -95,7 +96,7 @@ class WindowDriver:
                 "this block was declared to run (total_micro_batches, or the items of "
                 "acc.iterate(): one acc.backward() per item)"
             )
-        if self.interception.was_scaled(loss):
+        if self.boundary.scaler is not None and self.interception.was_scaled(loss):
             raise ValueError(
                 "loss was already scaled by scaler.scale(); pass the unscaled loss: "
                 "acc.backward(loss) scales it with the Accumulator's scaler"
@@ -148,7 +149,8 @@ class WindowDriver:
         else:
             # Across ranks the relative weights must share one reference (distributed.py).
             window.reference_weight = self.sync.shared_reference(first_weight) if weighted else 1.0
-        window.learning_rates = self.boundary.learning_rates()
+        # A window of one micro-batch cannot see the learning rate change in its middle.
+        window.learning_rates = self.boundary.learning_rates() if length > 1 else None
         if self.sync is not None:
             self.sync.start_window()
         return window
@@ -163,19 +165,24 @@ class WindowDriver:
         to_backward = loss if scaler is None else scaler.scale(loss)
         if self.sync is not None:
             self.sync.before_backward(synchronising)
-        # Seeding backward with the factor adds no graph node; a fresh seed each time,
-        # since autograd may adopt the seed as a .grad (a loss that is a view of a leaf).
-        seed = None if factor == 1.0 else torch.full_like(to_backward, factor)
+        seed = None if factor == 1.0 else self.seeds.get(to_backward, factor)
         to_backward.backward(seed)  # type: ignore[no-untyped-call]
+        if seed is not None:
+            self.seeds.release(seed)
         window.add(relative_weight, loss)
         self.run.block_micro_batches += 1
-        if self.watch is not None and window.count < window.length:
-            self.watch.record(self.boundary.parameters())
+        if self.watch is not None:
+            if window.count < window.length:
+                self.watch.record(self.optimizers)
+            else:
+                self.watch.forget()
         if self.progress is not None:
             self.progress.micro_batch(window.count, window.length)
 
     def close_window(self) -> None:
         window = self.run.window
+        if self.watch is not None:
+            self.watch.forget()
         grads = self.boundary.grads()
         correction = window.correction
         if self.sync is not None:

@@ -91,3 +91,43 @@ def clip_(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> Non
 def has_nonzero(grads: list[torch.Tensor]) -> bool:
     """Whether any of ``grads`` holds a nonzero value (one sync per tensor; rare paths only)."""
     return any(bool(_real_dense(g).any()) for g in grads)
+
+
+class BackwardSeeds:
+    """Gradients to start backward from (the loss's factor instead of 1), reused safely.
+
+    Seeding backward with the factor, rather than multiplying the loss by it, adds no node
+    to the graph; reusing one seed per factor saves an allocation per micro-batch. But
+    autograd may adopt the seed as a parameter's ``.grad`` (a loss that is a view of a
+    leaf) and later add into it in place; no tensor of ours may become a ``.grad``. So a
+    seed whose storage gained a reference, or whose version moved, during backward is
+    dropped and never handed out again.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[float, torch.dtype, torch.device], tuple[torch.Tensor, int]] = {}
+
+    @staticmethod
+    def _references(seed: torch.Tensor) -> int:
+        return int(torch._C._storage_Use_Count(seed.untyped_storage()._cdata))
+
+    def get(self, loss: torch.Tensor, factor: float) -> torch.Tensor:
+        if loss.dim() != 0 or not _CAN_COUNT_REFERENCES:
+            return torch.full_like(loss, factor)
+        key = (factor, loss.dtype, loss.device)
+        cached = self._cache.get(key)
+        if cached is None:
+            seed = torch.full_like(loss, factor)
+            cached = self._cache[key] = (seed, self._references(seed))
+        return cached[0]
+
+    def release(self, seed: torch.Tensor) -> None:
+        """After backward: forget ``seed`` if autograd kept or changed it."""
+        for key, (cached, references) in list(self._cache.items()):
+            if cached is seed:
+                if cached._version != 0 or self._references(cached) != references:
+                    del self._cache[key]
+                return
+
+
+_CAN_COUNT_REFERENCES = hasattr(torch._C, "_storage_Use_Count")

@@ -207,22 +207,35 @@ class GradientWatch:
 
     Only ``acc.backward`` may write into ``.grad`` while a window accumulates. Anything else
     (``loss.backward()``, a second Accumulator's backward reaching these parameters, per
-    micro-batch clipping, ``p.grad = None``) would make the update silently wrong; each
-    gradient's identity and version counter, recorded after every ``acc.backward``, show it
-    at the next one for the price of reading two integers per parameter.
+    micro-batch clipping, ``p.grad = None``) would make the update silently wrong. Such a
+    write reaches whole layers, so watching the first and last parameter of every param
+    group is enough, and costs reading a few integers per micro-batch: each watched
+    gradient's identity and version counter, recorded after every ``acc.backward``, are
+    compared at the next one.
     """
 
     def __init__(self) -> None:
-        self._seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self._seen: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
 
-    def record(self, params: Sequence[torch.Tensor]) -> None:
-        self._seen = [(p, p.grad, p.grad._version) for p in params if p.grad is not None]
+    def record(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        seen = []
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                params = group["params"]
+                for param in (params[0], params[-1]) if params else ():
+                    grad = param.grad
+                    seen.append((param, grad, -1 if grad is None else grad._version))
+        self._seen = seen
+
+    def forget(self) -> None:
+        """Drop the references, so that a cleared gradient's memory is freed at once."""
+        self._seen = []
 
     def check(self, names: Callable[[], dict[int, str]]) -> None:
         changed = [
             param
             for param, grad, version in self._seen
-            if param.grad is not grad or grad._version != version
+            if grad is not None and (param.grad is not grad or grad._version != version)
         ]
         if not changed:
             return

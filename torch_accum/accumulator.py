@@ -490,7 +490,7 @@ class Accumulator:
         driver = self._driver
         self._run.load_state_dict(state_dict, self._boundary.parameters(), driver.finite_check)
         if driver.watch is not None:
-            driver.watch.record(self._boundary.parameters())
+            driver.watch.record(self.optimizers)
 
     def _require_active(self, what: str) -> None:
         if not self._active:
