@@ -5,8 +5,9 @@
 
 Two CPU ranks over gloo (loopback) train an MLP of a few million parameters. For each K the
 naive accumulation loop (``(loss / K).backward()`` on every micro-batch, so DDP all-reduces
-the gradients every time) and the Accumulator loop (one all-reduce per optimizer step) run
-in alternating order, each run a few optimizer steps in one ``with`` block. A DDP
+the gradients every time), the Accumulator loop (one all-reduce per optimizer step) and the
+same with ``total_micro_batches`` (the ranks agree on the block's length once, at entry,
+instead of before every synchronising micro-batch) run in alternating order, each run a few optimizer steps in one ``with`` block. A DDP
 communication hook counts the all-reduces and their bytes; the time is the median per
 optimizer step over the runs, as seen by rank 0.
 """
@@ -72,6 +73,15 @@ def accumulator_loop(model, optimizer, micro, k: int) -> None:
             optimizer.zero_grad()
 
 
+def counted_loop(model, optimizer, micro, k: int) -> None:
+    # The block's length known on every rank: one agreement at entry, none per step.
+    with Accumulator(model, optimizer, k, total_micro_batches=len(micro)) as acc:
+        for x, y in micro:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 def worker(rank: int, world: int, store_path: str, args: argparse.Namespace) -> None:
     # A file store, not a TCP port: nothing else on the machine can take it.
     store = dist.FileStore(store_path, world)
@@ -79,7 +89,7 @@ def worker(rank: int, world: int, store_path: str, args: argparse.Namespace) -> 
         "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
     torch.set_num_threads(1)
-    loops = {"naive": naive_loop, "accumulator": accumulator_loop}
+    loops = {"naive": naive_loop, "accumulator": accumulator_loop, "counted": counted_loop}
     steps = args.steps_per_run
     if rank == 0:
         params = sum(p.numel() for p in make_mlp(args.width, args.depth).parameters())
@@ -91,7 +101,7 @@ def worker(rank: int, world: int, store_path: str, args: argparse.Namespace) -> 
         print(
             f"{'K':>3} | {'naive all-reduces':>17} {'MiB/step':>9} {'s/step':>7} | "
             f"{'acc all-reduces':>15} {'MiB/step':>9} {'s/step':>7} | {'count ratio':>11} "
-            f"{'time ratio':>10}"
+            f"{'time ratio':>10} | {'time ratio, total_micro_batches':>31}"
         )
     for k in args.accumulation_steps:
         generator = torch.Generator().manual_seed(rank)
@@ -128,11 +138,11 @@ def worker(rank: int, world: int, store_path: str, args: argparse.Namespace) -> 
                     counts["bytes"] / args.repetitions / steps / 2**20,
                     statistics.median(times[name]),
                 )
-            naive, acc = row["naive"], row["accumulator"]
+            naive, acc, counted = row["naive"], row["accumulator"], row["counted"]
             print(
                 f"{k:>3} | {naive[0]:>17.0f} {naive[1]:>9.1f} {naive[2]:>7.3f} | "
                 f"{acc[0]:>15.0f} {acc[1]:>9.1f} {acc[2]:>7.3f} | {naive[0] / acc[0]:>11.1f} "
-                f"{acc[2] / naive[2]:>10.3f}"
+                f"{acc[2] / naive[2]:>10.3f} | {counted[2] / naive[2]:>31.3f}"
             )
     # Release the DDP models (and their reducers) on both ranks before tearing the group
     # down together; a rank leaving early once hung at shutdown in CI.

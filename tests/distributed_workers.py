@@ -245,6 +245,26 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
         results["uneven"] = None
     except UnevenInputsError as error:
         results["uneven"] = str(error)
+
+    # Uneven declared counts: one agreement at block entry refuses them on every rank.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(model, optimizer, 4, total_micro_batches=7 if rank == 0 else 5)
+    try:
+        with acc:
+            raise AssertionError("the block must not start")
+    except UnevenInputsError as error:
+        results["uneven_declared"] = str(error)
+
+    # Declared equal counts: exact, with one agreement per block instead of one per step.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, k, total_micro_batches=len(micro)) as acc:
+        for x, y in micro:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    results["counted"] = (params_of(model.module), acc.optimizer_steps)
     return results
 
 

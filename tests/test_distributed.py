@@ -117,6 +117,20 @@ def test_uneven_inputs_raise_on_every_rank(ddp):
         assert "ranks ran different numbers of micro-batches" in rank["uneven"]
 
 
+def test_uneven_declared_counts_raise_at_block_entry_naming_each_rank(ddp):
+    for rank in ddp:
+        assert "total_micro_batches of ranks 0..1: [7, 5]" in rank["uneven_declared"]
+
+
+def test_declared_counts_train_exactly(ddp):
+    expected = reference("sgd", global_batches(STEPS, 2 * K * B))
+    for rank in ddp:
+        got, steps = rank["counted"]
+        assert steps == STEPS
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
 # FSDP2 on CPU fails in torch 2.6 ("'Stream' object has no attribute 'record_event'");
 # torch 2.13, which CI pins, runs it.
 fsdp2_on_cpu = pytest.mark.skipif(

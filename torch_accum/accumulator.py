@@ -277,7 +277,7 @@ class Accumulator:
             if self._checkpointing is not None:
                 self._checkpointing.install(self._interception.patches, self)
             if self._sync is not None:
-                self._sync.enter(self._driver.next_is_last)
+                self._sync.enter(self._driver.next_is_last, self.total_micro_batches)
         except BaseException:
             self._restore()
             raise

@@ -57,6 +57,8 @@ class GradientSync:
         # flag of its latest backward (FSDP2): what says whether its gradients are averaged.
         self._forward_flags: list[bool] = []
         self._last_backward_synchronised = False
+        # The block's micro-batch count was agreed at entry: no per-step agreement.
+        self._counts_agreed = False
 
     @staticmethod
     def for_model(model: nn.Module, sync_each_micro_batch: bool) -> GradientSync | None:
@@ -68,8 +70,15 @@ class GradientSync:
         return None
 
     # ------------------------------------------------------------------ the block
-    def enter(self, next_is_last: Callable[[], bool]) -> None:
-        """Install the DDP forward pre-hook; ``next_is_last()`` says if a window ends."""
+    def enter(self, next_is_last: Callable[[], bool], total: int | None = None) -> None:
+        """Install the DDP forward pre-hook; ``next_is_last()`` says if a window ends.
+
+        With the block's micro-batch count ``total`` known on every rank, the ranks agree on
+        it once here, instead of before every synchronising micro-batch.
+        """
+        self._counts_agreed = False
+        if total is not None:
+            self.agree_counts(total)
         if not self.is_ddp:
             return
         ddp = cast(DistributedDataParallel, self.model)
@@ -79,7 +88,7 @@ class GradientSync:
             if not torch.is_grad_enabled():
                 return
             last = next_is_last()
-            if last:
+            if last and not self._counts_agreed:
                 self.agree(finishing=False, pending=-1)
             flag = last or self.sync_each_micro_batch
             self._forward_flags.append(flag)
@@ -168,6 +177,38 @@ class GradientSync:
                 "(or has a different number of pending micro-batches). Give every rank the "
                 "same number of micro-batches, e.g. with DistributedSampler(drop_last=True)"
             )
+
+    def finish_block(self, ran: int, declared: int | None, pending: int) -> None:
+        """At the block's end, check that the ranks stopped at the same point.
+
+        With the count agreed at entry, a rank that ran exactly that many micro-batches
+        needs no collective; one that ran a different number raises on its own (the others
+        may then wait in DDP's next all-reduce: a declared count is a promise).
+        """
+        if self._counts_agreed:
+            if ran != declared:
+                raise UnevenInputsError(
+                    f"rank {dist.get_rank(self.group)} ran {ran} micro-batches but every rank "
+                    f"declared total_micro_batches={declared}; leave total_micro_batches out "
+                    "when a rank may stop early, or give every rank the same number"
+                )
+            return
+        self.agree(finishing=True, pending=pending)
+
+    def agree_counts(self, total: int) -> None:
+        """Check that every rank declared the same micro-batch count for the block."""
+        mine = torch.tensor([total], dtype=torch.int64, device=self.device)
+        counts = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(counts, mine, group=self.group)
+        values = [int(count) for count in counts]
+        if len(set(values)) > 1:
+            raise UnevenInputsError(
+                f"ranks declared different numbers of micro-batches for this block "
+                f"(total_micro_batches of ranks 0..{self.world_size - 1}: {values}); give every "
+                "rank the same number, e.g. with DistributedSampler(drop_last=True) or "
+                "equal-length shards"
+            )
+        self._counts_agreed = True
 
     def shared_reference(self, first_weight: float) -> float:
         """A reference weight that is the same on all ranks (see the module docstring)."""
