@@ -265,6 +265,19 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad()
     results["counted"] = (params_of(model.module), acc.optimizer_steps)
+
+    # partial_window="carry" with a declared length: the carried partial window is not
+    # synchronised at the block's end (it would be averaged twice); two blocks of 6.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(model, optimizer, k, partial_window="carry", total_micro_batches=6)
+    for block in (micro[:6], micro[6:]):
+        with acc:
+            for x, y in block:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+    results["carried"] = (params_of(model.module), acc.optimizer_steps)
     return results
 
 

@@ -794,3 +794,79 @@ def test_item16_memory_budget_finds_the_largest_size_that_fits():
     with acc:
         acc.step_batch((x, y), compute_loss)
     assert acc.micro_batch_size == largest >= 25
+
+
+# ----------------------------------------------------------------------------- scaler edges
+def scaled_run(model, optimizer, scaler, batches, k, on_boundary=None):
+    with Accumulator(model, optimizer, k, scaler=scaler) as acc:
+        for batch in batches:
+            acc.backward(mse(model, batch))
+            if acc.sync_gradients and on_boundary is not None:
+                on_boundary(acc)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    return acc
+
+
+def test_discarding_an_unscaled_window_lets_the_next_window_unscale():
+    model = make_model(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    batches = make_batches(4, 4, dtype=torch.float32)
+    calls = []
+
+    def drop_the_first(acc):
+        scaler.unscale_(optimizer)
+        if not calls:
+            assert acc.discard() == 2
+        calls.append(acc.window_state.value)
+
+    acc = scaled_run(model, optimizer, scaler, batches, 2, drop_the_first)
+    assert acc.optimizer_steps == 1 and calls == ["discarded", "unscaled"]
+    reference = make_model(torch.float32)
+    reference_run(reference, torch.optim.SGD(reference.parameters(), lr=0.1), [batches[2:]])
+    assert_same(model, reference, TOLERANCES[torch.float32])
+
+
+def test_an_optimizer_error_inside_scaler_step_leaves_the_window_to_retry():
+    class FailsOnce(torch.optim.SGD):
+        failed = False
+
+        def step(self, closure=None):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("optimizer failed before updating")
+            return super().step(closure)
+
+    model = make_model(torch.float32)
+    optimizer = FailsOnce(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    batches = make_batches(2, 4, dtype=torch.float32)
+    with Accumulator(model, optimizer, 2, scaler=scaler) as acc:
+        for batch in batches:
+            acc.backward(mse(model, batch))
+        with pytest.raises(RuntimeError, match="optimizer failed"):
+            scaler.step(optimizer)
+        assert acc.window_state.value == "unscaled" and acc.optimizer_steps == 0
+        scaler.step(optimizer)  # the retry applies it, once
+        scaler.update()
+    assert acc.optimizer_steps == 1
+    reference = make_model(torch.float32)
+    reference_run(reference, torch.optim.SGD(reference.parameters(), lr=0.1), [batches])
+    assert_same(model, reference, TOLERANCES[torch.float32])
+
+
+def test_an_unknown_scheduler_stepped_before_the_boundary_step_is_named():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.raises(RuntimeError, match=r"or before optimizer.step\(\)"),
+        Accumulator(model, optimizer, 2) as acc,
+    ):
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
+            if acc.sync_gradients:
+                scheduler.step()  # before optimizer.step(): the step would use the new rate
+            optimizer.step()

@@ -103,10 +103,12 @@ class BoundaryUpdate:
             if before is not None and now is not None and before != now:
                 raise RuntimeError(
                     f"the learning rate of param group {index} changed in the middle of an "
-                    f"accumulation window ({before:g} -> {now:g}): a scheduler the Accumulator "
-                    "does not know was stepped on every micro-batch, which runs the schedule "
-                    "accumulation_steps times too fast. Pass it as Accumulator(..., "
-                    "scheduler=...), or step it only under `if acc.sync_gradients:`"
+                    f"accumulation window, before its optimizer step ({before:g} -> {now:g}): a "
+                    "scheduler the Accumulator does not know was stepped inside the window (on "
+                    "every micro-batch, or before optimizer.step()), which runs the schedule "
+                    "too fast or applies the wrong rate. Pass it as Accumulator(..., "
+                    "scheduler=...), or step it after optimizer.step() under `if "
+                    "acc.sync_gradients:`"
                 )
 
     # ------------------------------------------------------------------ the update
@@ -161,13 +163,12 @@ class BoundaryUpdate:
                 # Non-finite gradients turn into NaN here; the scaler then skips the step.
                 clip_(grads, self.max_grad_norm, total_norm(grads))
         scale_before = scaler.get_scale()
-        try:
-            for optimizer in self.optimizers:
-                scaler.step(optimizer)
-            scaler.update()
-        except BaseException:
-            self._outcome = WindowState.APPLIED  # the scaler refuses a second step anyway
-            raise
+        for optimizer in self.optimizers:
+            scaler.step(optimizer)
+            # Stepped, or skipped for infs: either way the window is used up (a retry must not
+            # step it again). An error inside the first step leaves it to retry.
+            self._outcome = WindowState.APPLIED
+        scaler.update()
         # GradScaler backs the scale off exactly when it found infs and skipped the step.
         if scaler.get_scale() < scale_before:
             logger.info(

@@ -215,6 +215,9 @@ class WindowDriver:
             self.run.block_micro_batches -= window.count
         if not window.is_terminal:
             window.move_to(WindowState.DISCARDED, "acc.discard()")
+        if self.watch is not None:
+            self.watch.forget()
+        self.interception.forget_unscale(window.unscaled)
         self.clear_gradients()
         window.cleared_by_loop.update(range(len(self.optimizers)))
 

@@ -105,6 +105,19 @@ class LoopInterception:
         self._real_steps.clear()
         self._real_zero_grads.clear()
 
+    def forget_unscale(self, indices: set[int]) -> None:
+        """Let the scaler unscale these optimizers again: their unscaled window was dropped.
+
+        GradScaler resets its per-optimizer progress only in ``update()``, which a dropped
+        window never reaches; without this the next ``unscale_`` would be refused.
+        """
+        if self.scaler is None:
+            return
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        if states is not None:
+            for index in indices:
+                states.pop(id(self.optimizers[index]), None)
+
     def was_scaled(self, loss: torch.Tensor) -> bool:
         """Whether ``loss`` came out of the scaler's ``scale`` in this block."""
         return loss in self._scaled

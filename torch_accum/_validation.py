@@ -88,7 +88,6 @@ def check_schedulers(
 
 
 def _check_scheduler(scheduler: object, optimizers: Sequence[torch.optim.Optimizer]) -> Any:
-    optimizer = optimizers[0]
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise TypeError(
             "scheduler=ReduceLROnPlateau needs a metric, which the Accumulator cannot "
@@ -100,12 +99,13 @@ def _check_scheduler(scheduler: object, optimizers: Sequence[torch.optim.Optimiz
             f"scheduler must be an LR scheduler with a step() method, got "
             f"{_describe(scheduler)}; pass a torch.optim.lr_scheduler.LRScheduler or None"
         )
-    bound_to = getattr(scheduler, "optimizer", optimizer)
+    bound_to = getattr(scheduler, "optimizer", optimizers[0])
     if not any(bound_to is o for o in optimizers):
         raise ValueError(
             f"scheduler is bound to a different optimizer ({type(bound_to).__name__} at "
-            f"{id(bound_to):#x}) than the one passed ({type(optimizer).__name__} at "
-            f"{id(optimizer):#x}); create the scheduler from the same optimizer"
+            f"{id(bound_to):#x}) than the optimizer(s) passed ("
+            + ", ".join(f"{type(o).__name__} at {id(o):#x}" for o in optimizers)
+            + "); create the scheduler from the same optimizer"
         )
     return scheduler
 
