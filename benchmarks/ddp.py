@@ -8,8 +8,8 @@ naive accumulation loop (``(loss / K).backward()`` on every micro-batch, so DDP 
 the gradients every time), the Accumulator loop (one all-reduce per optimizer step) and the
 same with ``total_micro_batches`` (the ranks agree on the block's length once, at entry,
 instead of before every synchronising micro-batch) run in alternating order, each run a few
-optimizer steps in one ``with`` block. A DDP communication hook counts the all-reduces and their bytes; the time is the median per
-optimizer step over the runs, as seen by rank 0.
+optimizer steps in one ``with`` block. A DDP communication hook counts the all-reduces and
+their bytes; the time is the median per optimizer step over the runs, as seen by rank 0.
 """
 
 from __future__ import annotations
