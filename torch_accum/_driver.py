@@ -168,7 +168,7 @@ class WindowDriver:
         seed = None if factor == 1.0 else self.seeds.get(to_backward, factor)
         to_backward.backward(seed)  # type: ignore[no-untyped-call]
         if seed is not None:
-            self.seeds.release(seed)
+            self.seeds.release(seed, factor)
         window.add(relative_weight, loss)
         self.run.block_micro_batches += 1
         if self.watch is not None:

@@ -121,13 +121,13 @@ class BackwardSeeds:
             cached = self._cache[key] = (seed, self._references(seed))
         return cached[0]
 
-    def release(self, seed: torch.Tensor) -> None:
+    def release(self, seed: torch.Tensor, factor: float) -> None:
         """After backward: forget ``seed`` if autograd kept or changed it."""
-        for key, (cached, references) in list(self._cache.items()):
-            if cached is seed:
-                if cached._version != 0 or self._references(cached) != references:
-                    del self._cache[key]
-                return
+        key = (factor, seed.dtype, seed.device)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] is seed:
+            if seed._version != 0 or self._references(seed) != cached[1]:
+                del self._cache[key]
 
 
 _CAN_COUNT_REFERENCES = hasattr(torch._C, "_storage_Use_Count")

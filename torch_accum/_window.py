@@ -38,6 +38,10 @@ import torch
 class WindowState(enum.Enum):
     """Where a window is in its life."""
 
+    # Members are singletons: hash by identity, not by Enum's Python-level name hash, since
+    # the state is looked up in sets several times per micro-batch.
+    __hash__ = object.__hash__
+
     #: Taking micro-batches (possibly none yet).
     ACCUMULATING = "accumulating"
     #: Closed and normalised; the loop's next ``optimizer.step()`` applies it.
