@@ -125,9 +125,10 @@ class BackwardSeeds:
         """After backward: forget ``seed`` if autograd kept or changed it."""
         key = (factor, seed.dtype, seed.device)
         cached = self._cache.get(key)
-        if cached is not None and cached[0] is seed:
-            if seed._version != 0 or self._references(seed) != cached[1]:
-                del self._cache[key]
+        if cached is None or cached[0] is not seed:
+            return
+        if seed._version != 0 or self._references(seed) != cached[1]:
+            del self._cache[key]
 
 
 _CAN_COUNT_REFERENCES = hasattr(torch._C, "_storage_Use_Count")
