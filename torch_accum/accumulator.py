@@ -8,7 +8,6 @@ synchronisation (``distributed.py``) and whole-batch micro-batching (``microbatc
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -39,8 +38,6 @@ from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
 from torch_accum.distributed import GradientSync
 from torch_accum.microbatch import MicroBatchRunner, MicroBatchSize
 from torch_accum.progress import ProgressBar, check_progress
-
-logger = logging.getLogger(__name__)
 
 PartialWindow = Literal["apply", "discard", "carry"]
 OnNonFinite = Literal["skip", "raise"]
