@@ -3,6 +3,7 @@
 >>> from torch_accum import Accumulator
 """
 
+from torch_accum._window import WindowState
 from torch_accum.accumulator import Accumulator
 from torch_accum.checkpointing import CheckpointPolicy
 from torch_accum.memory import ActivationMemory, measure_activation_memory
@@ -13,6 +14,7 @@ __all__ = [
     "Accumulator",
     "ActivationMemory",
     "CheckpointPolicy",
+    "WindowState",
     "__version__",
     "measure_activation_memory",
 ]

@@ -1,7 +1,7 @@
 """One accumulation window: its state, its micro-batches and their weights.
 
 The window's life is one explicit state machine; every transition goes through
-:meth:`Window.move_to`, which refuses the ones that the table below does not allow::
+`Window.move_to`, which refuses the ones that the table below does not allow:
 
     ACCUMULATING --close--> COMPLETE --scaler.unscale_()--> UNSCALED
           |                     |                              |
@@ -36,7 +36,21 @@ import torch
 
 
 class WindowState(enum.Enum):
-    """Where a window is in its life."""
+    """Where a window is in its life.
+
+    Read it as [`Accumulator.window_state`][torch_accum.Accumulator.window_state]; the
+    transitions, and what triggers each, are listed in the design notes (`docs/design.md`).
+
+    Attributes:
+        ACCUMULATING: Taking micro-batches (possibly none yet).
+        COMPLETE: Closed and normalised; the loop's next ``optimizer.step()`` applies it.
+        UNSCALED: Complete, and the loop has unscaled it with ``scaler.unscale_`` (to clip
+            or inspect).
+        APPLYING: The boundary update is running: calls of the patched methods pass through.
+        APPLIED: The optimizer step was taken (terminal).
+        SKIPPED: Non-finite gradients: no step was taken (terminal).
+        DISCARDED: Dropped without a step (terminal).
+    """
 
     # Members are singletons: hash by identity, not by Enum's Python-level name hash, since
     # the state is looked up in sets several times per micro-batch.

@@ -250,7 +250,7 @@ class Accumulator:
 
     @property
     def window_state(self) -> WindowState:
-        """The current window's state (see docs/design.md)."""
+        """The current window's [`WindowState`][torch_accum.WindowState]."""
         return self._run.window.state
 
     def __repr__(self) -> str:

@@ -105,7 +105,7 @@ class ActivationCheckpointing:
 
     Args:
         model: the model whose blocks to checkpoint.
-        policy: ``True`` for the repeated blocks (see :func:`is_repeated_block`), an
+        policy: ``True`` for the repeated blocks (see `is_repeated_block`), an
             ``nn.Module`` class or tuple of classes, or a callable ``module -> bool``.
     """
 

@@ -45,8 +45,9 @@ class ActivationMemory:
     above its level at the start (it also sees kernel workspaces and the gradients), or ``None``
     when no CUDA tensor was created.
 
-    >>> ActivationMemory(retained_after_forward=4, peak=8, cuda_max_allocated=None).peak
-    8
+    Examples:
+        >>> ActivationMemory(retained_after_forward=4, peak=8, cuda_max_allocated=None).peak
+        8
     """
 
     retained_after_forward: int
@@ -167,10 +168,12 @@ def measure_activation_memory(
     gradients that backward adds in place into an existing ``.grad``. ``.grad`` itself is
     left as backward leaves it. On CUDA the allocator's peak statistics are reset.
 
-    >>> import torch
-    >>> w = torch.ones(1000, requires_grad=True)
-    >>> measure_activation_memory(lambda: (w * 2).sum(), backward=False).retained_after_forward
-    4
+    Examples:
+        >>> import torch
+        >>> w = torch.ones(1000, requires_grad=True)
+        >>> memory = measure_activation_memory(lambda: (w * 2).sum(), backward=False)
+        >>> memory.retained_after_forward
+        4
     """
     if not callable(forward):
         raise TypeError(
