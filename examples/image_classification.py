@@ -29,13 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
+from _extras import needs
 from cli_types import non_negative_int, positive_float, positive_int
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 from torch_accum import Accumulator
+
+# Without torchvision (or with one built for another torch), stop with one line that says
+# what to install, not a traceback.
+with needs("torchvision", extra="examples"):
+    import torchvision
+    from torchvision import transforms
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 # torchvision's CIFAR10 checks all of these before it loads the training batches.

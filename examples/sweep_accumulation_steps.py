@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _extras import import_error, install_hint
 from cli_types import positive_float, positive_int
 from torch import nn
 
@@ -242,13 +243,18 @@ def plot(
     args: argparse.Namespace,
     path: Path,
 ) -> None:
+    # The plot is optional: without matplotlib (or with one that fails to import, e.g. built
+    # for another numpy) the table and the check still run.
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # no display needed, so it also runs on a headless machine
         import matplotlib.pyplot as plt
-    except ImportError:
-        print("(plot skipped: matplotlib is not installed; pip install -e '.[examples]')")
+    except Exception as error:
+        print(
+            f"(plot skipped: matplotlib does not import ({import_error(error)}); "
+            f"{install_hint('examples')}, or pass --no-plot)"
+        )
         return
     figure, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=True)
     colours = plt.get_cmap("viridis")

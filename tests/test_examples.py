@@ -1,8 +1,12 @@
 """The examples and benchmarks run as documented and print a checkable result."""
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +106,101 @@ def test_auto_microbatch_example_matches_whole_batches():
     result = run("examples/auto_microbatch.py", "--memory-budget-mib", "-1")
     assert result.returncode == 2
     assert "--memory-budget-mib: expected a positive number, got -1.0" in result.stderr
+
+
+# ---------------------------------------------------------------- examples that need an extra
+# Each stops with one line on stderr that names what to install, and exit status 2, instead
+# of a traceback: when the package is missing, and when it is installed but fails to import
+# (a torchvision built for another torch raises RuntimeError or OSError, not ImportError).
+NEEDS_AN_EXTRA = [
+    ("image_classification.py", "torchvision", "examples"),
+    ("huggingface_causal_lm.py", "transformers", "hf"),
+]
+
+
+def run_example(script: str, *args: str, pythonpath: Path | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:
+        # Before site-packages: a package there shadows an installed one.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, f"examples/{script}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def fake_package(folder: Path, name: str, error: str) -> Path:
+    """A package ``name`` in ``folder`` whose import raises ``error`` (Python source)."""
+    (folder / name).mkdir(parents=True)
+    (folder / name / "__init__.py").write_text(f"raise {error}\n")
+    return folder
+
+
+@pytest.mark.parametrize(("script", "package", "extra"), NEEDS_AN_EXTRA)
+def test_example_without_its_extra_says_what_to_install(script, package, extra):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    result = run_example(script)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        f"{script} needs {package} (ModuleNotFoundError: No module named '{package}'): "
+        f"pip install -e '.[{extra}]'"
+    ]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("script", "package", "extra", "error", "shown"),
+    [
+        (
+            "image_classification.py",
+            "torchvision",
+            "examples",
+            'RuntimeError("operator torchvision::nms does not exist")',
+            "RuntimeError: operator torchvision::nms does not exist",
+        ),
+        (
+            "huggingface_causal_lm.py",
+            "transformers",
+            "hf",
+            'OSError("libtorch_cpu.so: cannot open shared object file\\nmore detail")',
+            "OSError: libtorch_cpu.so: cannot open shared object file",
+        ),
+    ],
+)
+def test_example_with_a_broken_extra_says_what_to_install(
+    script, package, extra, error, shown, tmp_path
+):
+    result = run_example(script, pythonpath=fake_package(tmp_path, package, error))
+    assert result.returncode == 2, result.stderr[-3000:]
+    # One line, even where the error's message has several.
+    assert result.stderr.splitlines() == [
+        f"{script} needs {package} ({shown}): pip install -e '.[{extra}]'"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_sweep_without_a_working_matplotlib_skips_only_the_plot(tmp_path):
+    # The plot is optional there: the table and the exactness check still run.
+    # A matplotlib built for another numpy fails with more than ImportError.
+    site = fake_package(tmp_path / "site", "matplotlib", 'AttributeError("_ARRAY_API not found")')
+    plot = tmp_path / "sweep.png"
+    result = run_example(
+        "sweep_accumulation_steps.py",
+        *("--accumulation-steps", "1", "2", "--effective-batch-size", "64", "--epochs", "1"),
+        *("--plot", str(plot)),
+        pythonpath=site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "(plot skipped: matplotlib does not import (AttributeError: _ARRAY_API not found); "
+        "pip install -e '.[examples]', or pass --no-plot)"
+    ) in result.stdout
+    assert "fixed effective batch: losses identical across K" in result.stdout
+    assert not plot.exists()
+    assert "Traceback" not in result.stderr
