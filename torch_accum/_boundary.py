@@ -199,8 +199,12 @@ class BoundaryUpdate:
         logger.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
+    def parameter_names(self) -> dict[int, str]:
+        """The model's name of each parameter, by ``id``, for error messages."""
+        return {id(p): name for name, p in self.model.named_parameters()}
+
     def _nonfinite_parameter_names(self) -> list[str]:
-        names = {id(p): name for name, p in self.model.named_parameters()}
+        names = self.parameter_names()
         found = []
         for param in self.parameters():
             grad = param.grad

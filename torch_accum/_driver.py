@@ -105,11 +105,10 @@ class WindowDriver:
         if window.is_terminal or window.count == 0:
             window = self.start_window(run.accumulation_steps, weight, weighted)
         elif self.watch is not None:
-            self.watch.check(self.parameter_names)
+            self.watch.check(self.boundary.parameter_names)
         synchronising = self.next_is_last() or self.sync_each_micro_batch
         self.accumulate(loss, weight, synchronising=synchronising)
-        block_ends = self.block_end == run.block_micro_batches
-        if window.count == window.length or (block_ends and self.partial_window == "apply"):
+        if window.count == window.length or self.ends_block(run.block_micro_batches):
             self.close_window()
 
     def finish_block(self) -> None:
@@ -130,8 +129,9 @@ class WindowDriver:
         self.clear_stale_gradients()
 
     # ------------------------------------------------------------------ the window's life
-    def parameter_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.model.named_parameters()}
+    def ends_block(self, micro_batches: int) -> bool:
+        """Whether the block's ``micro_batches``-th micro-batch closes its final window."""
+        return self.block_end == micro_batches and self.partial_window == "apply"
 
     def start_window(
         self, length: int, first_weight: float, weighted: bool, *, by_runner: bool = False
@@ -244,12 +244,7 @@ class WindowDriver:
         count, length = window.pending, window.length
         if window.is_terminal:
             length = self.run.accumulation_steps
-        block_ends = (
-            self.block_end is not None
-            and self.run.block_micro_batches + 1 == self.block_end
-            and self.partial_window == "apply"
-        )
-        return count + 1 == length or block_ends
+        return count + 1 == length or self.ends_block(self.run.block_micro_batches + 1)
 
     @contextlib.contextmanager
     def sync_paused(self) -> Iterator[None]:
