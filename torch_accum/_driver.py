@@ -239,12 +239,23 @@ class WindowDriver:
     def next_is_last(self) -> bool:
         """Whether the next micro-batch ends a window (or the block, when its end is known)."""
         window = self.run.window
-        if self.probing or not window.synchronise_in_backward:
+        if self.synchronises_explicitly():
             return False  # step_batch() synchronises explicitly, after the ranks agree
         count, length = window.pending, window.length
         if window.is_terminal:
             length = self.run.accumulation_steps
         return count + 1 == length or self.ends_block(self.run.block_micro_batches + 1)
+
+    def synchronises_explicitly(self) -> bool:
+        """Inside acc.step_batch() (or its memory probe): no forward agrees or synchronises."""
+        window = self.run.window
+        return self.probing or not (window.is_terminal or window.synchronise_in_backward)
+
+    def micro_batches(self) -> int:
+        return self.run.block_micro_batches
+
+    def accumulation_steps(self) -> int:
+        return self.run.accumulation_steps
 
     @contextlib.contextmanager
     def sync_paused(self) -> Iterator[None]:

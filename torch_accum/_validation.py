@@ -161,6 +161,18 @@ def check_optional_positive_int(name: str, value: object) -> int | None:
     return value
 
 
+def check_optional_count(name: str, value: object) -> int | None:
+    """A count that may be zero (a rank whose loader is empty runs no micro-batches)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{name} must be a non-negative int or None, got {_describe(value)}; pass e.g. "
+            f"{name}=len(loader), or None if it is not known"
+        )
+    return value
+
+
 def check_micro_batch_size(value: object) -> int | Literal["auto"] | None:
     if value is None:
         return None

@@ -28,6 +28,7 @@ from torch_accum._validation import (
     check_micro_batch_size,
     check_model,
     check_optimizers,
+    check_optional_count,
     check_optional_positive_int,
     check_scaler,
     check_schedulers,
@@ -95,7 +96,9 @@ class Accumulator:
             ``len(loader)``), if known: the block's last micro-batch then ends the final
             window inside the loop (``sync_gradients`` is True there), as
             [`iterate`][torch_accum.Accumulator.iterate] does without counting. It also
-            gives the progress bar its total.
+            gives the progress bar its total. Under DDP/FSDP2 the ranks compare their
+            counts once when the block starts (0 for a rank whose loader is empty) instead
+            of before every forward.
         micro_batch_size: for [`step_batch`][torch_accum.Accumulator.step_batch]: an int,
             or ``"auto"`` to find the largest micro-batch that fits (halving and replaying
             the batch on ``torch.OutOfMemoryError``); ``max_micro_batch_size`` caps where it
@@ -152,9 +155,7 @@ class Accumulator:
         self.partial_window = check_choice("partial_window", partial_window, PARTIAL_WINDOWS)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
         self.sync_each_micro_batch = check_flag("sync_each_micro_batch", sync_each_micro_batch)
-        self.total_micro_batches = check_optional_positive_int(
-            "total_micro_batches", total_micro_batches
-        )
+        self.total_micro_batches = check_optional_count("total_micro_batches", total_micro_batches)
         self.progress = check_progress(progress)
         self.memory_budget = check_optional_positive_int("memory_budget", memory_budget)
         self._runner = _micro_batch_runner(
@@ -273,12 +274,12 @@ class Accumulator:
             self._interception.install(self._driver, owner=self)
             if self._checkpointing is not None:
                 self._checkpointing.install(self._interception.patches, self)
+            self._run.block_micro_batches = 0
             if self._sync is not None:
-                self._sync.enter(self._driver.next_is_last, self.total_micro_batches)
+                self._sync.enter(self._driver, self.total_micro_batches)
         except BaseException:
             self._restore()
             raise
-        self._run.block_micro_batches = 0
         self._driver.block_end = self.total_micro_batches
         if self.progress:
             total = self.total_micro_batches

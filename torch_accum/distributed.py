@@ -3,10 +3,18 @@
 Under ``DistributedDataParallel`` the gradient all-reduce is switched off for every
 micro-batch but the one that ends a window (``require_backward_grad_sync``, set in a forward
 pre-hook because DDP reads it in ``forward``); under FSDP2 (``fully_shard``) the same through
-``set_requires_gradient_sync`` before each backward. Before every synchronising micro-batch
-and when the ``with`` block ends, the ranks compare how far they have come in one small
-all-reduce, so that ranks with uneven numbers of micro-batches raise an error instead of
-hanging in mismatched collectives.
+``set_requires_gradient_sync`` before each backward.
+
+No layout of uneven inputs can hang: every collective the library issues is one and the
+same *agreement* (an all-gather of one small row per rank: what the rank is about to do, its
+micro-batch and forward counts, its accumulation steps and a value), and one runs before
+anything else can issue a collective. With ``total_micro_batches`` the ranks compare their
+declared counts once, when the block starts; without it, before every training forward of
+the wrapped model (prepended to DDP's and FSDP2's own forward collectives) and when the
+block ends. So when one rank leaves the block early, its end-of-block agreement meets the
+others' next forward agreement, and every rank raises the same ``UnevenInputsError``, which
+names what each rank did. The weight sums of token-weighted windows and the checks at the
+boundary travel in the same row, so they can never pair with another collective either.
 
 Token weights stay exact across ranks: every rank weights its losses relative to one
 reference weight that all ranks share (for the first window the mean of the ranks' first
@@ -16,8 +24,8 @@ window needs one uniform correction, for which the ranks sum their weights once 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+import enum
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -37,6 +45,50 @@ class UnevenInputsError(RuntimeError):
     """Ranks ran different numbers of micro-batches inside the same ``with`` block."""
 
 
+class Step(enum.IntEnum):
+    """What a rank is about to do when it joins an agreement."""
+
+    ENTER = 1  # start a block with a declared count (the row's value)
+    FORWARD = 2  # run a training forward
+    END = 3  # leave the block (the value: micro-batches of the pending window)
+    REFERENCE = 4  # share the first window's reference weight (the value: its first weight)
+    WINDOW_WEIGHTS = 5  # sum a weighted window's weights
+    AVERAGE = 6  # average the gradients of a window that ended unsynchronised
+    NONFINITE = 7  # tell whether its gradients hold inf/NaN (FSDP2: each rank has a shard)
+    STEP_BATCH = 8  # start acc.step_batch() (the value: the micro-batch size it can afford)
+    STEP_BATCH_FAILED = 9  # tell whether its attempt ran out of memory
+
+
+_DOING = {
+    Step.ENTER: "started a block with total_micro_batches={value}",
+    Step.FORWARD: "started another forward",
+    Step.END: "left the with block",
+    Step.REFERENCE: "weighted its first window (acc.backward(loss, weight=...))",
+    Step.WINDOW_WEIGHTS: "closed a token-weighted window",
+    Step.AVERAGE: "averaged an unsynchronised window",
+    Step.NONFINITE: "checked its gradients at the boundary",
+    Step.STEP_BATCH: "started acc.step_batch()",
+    Step.STEP_BATCH_FAILED: "finished acc.step_batch()",
+}
+
+_FIX = (
+    "Every rank must run the same number of micro-batches, with the same "
+    "accumulation_steps and the same calls: use DistributedSampler(drop_last=True) with a "
+    "DataLoader(drop_last=True), or equal-length shards, and pass "
+    "total_micro_batches=len(loader) so that the ranks compare their counts when the block "
+    "starts"
+)
+
+
+class LoopProgress(Protocol):
+    """What the agreement needs to know of the loop (the ``WindowDriver``)."""
+
+    def next_is_last(self) -> bool: ...
+    def synchronises_explicitly(self) -> bool: ...
+    def micro_batches(self) -> int: ...
+    def accumulation_steps(self) -> int: ...
+
+
 class GradientSync:
     """Synchronisation control for a DDP- or FSDP2-wrapped model in one ``with`` block."""
 
@@ -47,17 +99,21 @@ class GradientSync:
         group = getattr(model, "process_group", None) if self.is_ddp else None
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
         self.device = next(model.parameters()).device
         if self.device.type == "meta":  # pragma: no cover - defensive
             self.device = torch.device("cpu")
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._saved_ddp_flag = True
+        self._loop: LoopProgress | None = None
         self.shared_reference_weight: float | None = None
         # The window's forwards (DDP: whether each would synchronise its backward), or the
         # flag of its latest backward (FSDP2): what says whether its gradients are averaged.
         self._forward_flags: list[bool] = []
         self._last_backward_synchronised = False
-        # The block's micro-batch count was agreed at entry: no per-step agreement.
+        # Training forwards of the block, compared in every agreement.
+        self._forwards = 0
+        # The block's micro-batch count was agreed at entry: no per-forward agreement.
         self._counts_agreed = False
 
     @staticmethod
@@ -70,31 +126,36 @@ class GradientSync:
         return None
 
     # ------------------------------------------------------------------ the block
-    def enter(self, next_is_last: Callable[[], bool], total: int | None = None) -> None:
-        """Install the DDP forward pre-hook; ``next_is_last()`` says if a window ends.
+    def enter(self, loop: LoopProgress, total: int | None = None) -> None:
+        """Agree on the block's count if known, and hook the model's forward.
 
-        With the block's micro-batch count ``total`` known on every rank, the ranks agree on
-        it once here, instead of before every synchronising micro-batch.
+        The hook is prepended to the model's own forward pre-hooks, so that its agreement
+        runs before FSDP2's parameter all-gather (DDP's collectives run inside ``forward``).
         """
+        self._loop = loop
+        self._forwards = 0
         self._counts_agreed = False
         if total is not None:
-            self.agree_counts(total)
-        if not self.is_ddp:
-            return
-        ddp = cast(DistributedDataParallel, self.model)
-        self._saved_ddp_flag = bool(ddp.require_backward_grad_sync)
+            self.agree(Step.ENTER, total)
+            self._counts_agreed = True
+        if self.is_ddp:
+            ddp = cast(DistributedDataParallel, self.model)
+            self._saved_ddp_flag = bool(ddp.require_backward_grad_sync)
 
         def before_forward(module: nn.Module, args: Any) -> None:
             if not torch.is_grad_enabled():
                 return
-            last = next_is_last()
-            if last and not self._counts_agreed:
-                self.agree(finishing=False, pending=-1)
-            flag = last or self.sync_each_micro_batch
-            self._forward_flags.append(flag)
-            ddp.require_backward_grad_sync = flag
+            explicit = loop.synchronises_explicitly()
+            if module.training and not explicit:
+                self._forwards += 1
+                if not self._counts_agreed:
+                    self.agree(Step.FORWARD)
+            if self.is_ddp:
+                flag = loop.next_is_last() or self.sync_each_micro_batch
+                self._forward_flags.append(flag)
+                cast(DistributedDataParallel, module).require_backward_grad_sync = flag
 
-        self._hook = ddp.register_forward_pre_hook(before_forward)
+        self._hook = self.model.register_forward_pre_hook(before_forward, prepend=True)
 
     def exit(self) -> None:
         """Restore the flags and remove the hook (runs in ``finally``)."""
@@ -114,6 +175,23 @@ class GradientSync:
             self.model.set_requires_gradient_sync(  # type: ignore[operator]
                 self._last_backward_synchronised
             )
+
+    def finish_block(self, ran: int, declared: int | None, pending: int) -> None:
+        """At the block's end, check that the ranks stopped at the same point.
+
+        With the count agreed at entry, a rank that ran exactly that many micro-batches
+        needs no collective; one that ran a different number raises on its own (the others
+        may then wait in DDP's next all-reduce: a declared count is a promise).
+        """
+        if self._counts_agreed:
+            if ran != declared:
+                raise UnevenInputsError(
+                    f"rank {self.rank} ran {ran} micro-batches but every rank declared "
+                    f"total_micro_batches={declared}; leave total_micro_batches out when a "
+                    "rank may stop early, or give every rank the same number"
+                )
+            return
+        self.agree(Step.END, pending)
 
     # ------------------------------------------------------------------ the window
     def start_window(self) -> None:
@@ -144,98 +222,56 @@ class GradientSync:
     def close_window(self, window: Window, grads: list[torch.Tensor]) -> float:
         """Average a window that ended unsynchronised; return the uniform correction."""
         if not self._window_synchronised():
-            if window.synchronise_in_backward:  # step_batch() has agreed already
-                self.agree(finishing=False, pending=-1)
             self.average_pending(grads)
         self._forward_flags.clear()
         if not window.weighted:
-            # Every rank ran the same count (checked by agree): K / count everywhere.
+            # Every rank ran the same count (the agreements say so): K / count everywhere.
             return window.length / window.count
         # Averaged over R ranks the gradient is sum(w g) / (R K w_ref); make it sum(w g) / W.
-        total = self.global_sum(window.weight_sum)
+        total = sum(self.agree(Step.WINDOW_WEIGHTS, window.weight_sum))
         self.shared_reference_weight = total / (self.world_size * window.count)
         return window.length * window.reference_weight * self.world_size / total
 
-    # ------------------------------------------------------------------ collectives
-    def agree(self, *, finishing: bool, pending: int) -> None:
-        """All ranks check that they stand at the same point; raise if they do not.
+    # ------------------------------------------------------------------ agreement
+    def agree(self, step: Step, value: float = 0.0) -> list[float]:
+        """All ranks say what they are about to do; each rank's ``value`` comes back.
 
-        Called before every synchronising micro-batch (``finishing=False``) and when the
-        block ends (``finishing=True`` with the number of pending micro-batches).
+        Raises ``UnevenInputsError`` on every rank alike when the ranks are not at the same
+        step, micro-batch and forward, or use different accumulation steps (or, entering a
+        block, declare different counts).
         """
-        state = torch.tensor(
-            [finishing, -finishing, pending, -pending], dtype=torch.int64, device=self.device
+        loop = self._loop
+        micro_batches = 0 if loop is None else loop.micro_batches()
+        steps = 0 if loop is None else loop.accumulation_steps()
+        # float64 holds every count exactly (below 2**53) next to a weight.
+        mine = torch.tensor(
+            [float(step), float(micro_batches), float(self._forwards), float(steps), value],
+            dtype=torch.float64,
+            device=self.device,
         )
-        dist.all_reduce(state, op=dist.ReduceOp.MAX, group=self.group)
-        any_finishing, all_finishing = bool(state[0]), int(-state[1]) == 1
-        if any_finishing != all_finishing or int(state[2]) != -int(state[3]):
-            where = "its data ran out" if finishing else "it is about to synchronise gradients"
-            raise UnevenInputsError(
-                f"ranks ran different numbers of micro-batches: on rank "
-                f"{dist.get_rank(self.group)} {where}, while another rank "
-                f"{'is still training' if finishing else 'has left the with block'} "
-                "(or has a different number of pending micro-batches). Give every rank the "
-                "same number of micro-batches, e.g. with DistributedSampler(drop_last=True)"
-            )
-
-    def finish_block(self, ran: int, declared: int | None, pending: int) -> None:
-        """At the block's end, check that the ranks stopped at the same point.
-
-        With the count agreed at entry, a rank that ran exactly that many micro-batches
-        needs no collective; one that ran a different number raises on its own (the others
-        may then wait in DDP's next all-reduce: a declared count is a promise).
-        """
-        if self._counts_agreed:
-            if ran != declared:
-                raise UnevenInputsError(
-                    f"rank {dist.get_rank(self.group)} ran {ran} micro-batches but every rank "
-                    f"declared total_micro_batches={declared}; leave total_micro_batches out "
-                    "when a rank may stop early, or give every rank the same number"
-                )
-            return
-        self.agree(finishing=True, pending=pending)
-
-    def agree_counts(self, total: int) -> None:
-        """Check that every rank declared the same micro-batch count for the block."""
-        mine = torch.tensor([total], dtype=torch.int64, device=self.device)
-        counts = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(counts, mine, group=self.group)
-        values = [int(count) for count in counts]
-        if len(set(values)) > 1:
-            raise UnevenInputsError(
-                f"ranks declared different numbers of micro-batches for this block "
-                f"(total_micro_batches of ranks 0..{self.world_size - 1}: {values}); give every "
-                "rank the same number, e.g. with DistributedSampler(drop_last=True) or "
-                "equal-length shards"
-            )
-        self._counts_agreed = True
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(rows, mine, group=self.group)
+        table = [[float(x) for x in row.tolist()] for row in rows]
+        # Micro-batches are compared where the loop decides them: inside acc.step_batch()
+        # ranks may cut batches of different sizes into different numbers of pieces.
+        compared = [0, 2, 3] + ([1] if step in (Step.FORWARD, Step.END) else [])
+        compared += [4] if step is Step.ENTER else []
+        if any(row[i] != table[0][i] for row in table for i in compared):
+            raise UnevenInputsError(_describe_disagreement(table))
+        return [row[4] for row in table]
 
     def shared_reference(self, first_weight: float) -> float:
         """A reference weight that is the same on all ranks (see the module docstring)."""
         if self.shared_reference_weight is None:
-            total = torch.tensor([first_weight], dtype=torch.float64, device=self.device)
-            dist.all_reduce(total, group=self.group)
-            self.shared_reference_weight = float(total) / self.world_size
+            weights = self.agree(Step.REFERENCE, first_weight)
+            self.shared_reference_weight = sum(weights) / self.world_size
         return self.shared_reference_weight
 
-    def global_sum(self, value: float) -> float:
-        total = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=self.group)
-        return float(total)
-
-    def agree_min(self, value: int) -> int:
-        """The smallest ``value`` over the ranks."""
-        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
-        return int(tensor)
-
-    def any_rank(self, flag: bool, *, always: bool = False) -> bool:
-        """Whether ``flag`` holds on any rank (FSDP2 ranks each see a shard of the grads)."""
-        if self.is_ddp and not always:
+    def any_rank(self, flag: bool, *, step: Step = Step.NONFINITE) -> bool:
+        """Whether ``flag`` holds on any rank."""
+        if self.is_ddp and step is Step.NONFINITE:
             return flag  # DDP gradients are identical on all ranks after the sync
-        value = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(value)
+        return any(self.agree(step, float(flag)))
 
     def average_pending(self, grads: list[torch.Tensor]) -> None:
         """Average the gradients of a window that ended without DDP's synchronisation."""
@@ -246,6 +282,7 @@ class GradientSync:
                 "backward pass; pass total_micro_batches=len(loader) to the Accumulator so "
                 "that the last micro-batch synchronises, or sync_each_micro_batch=True"
             )
+        self.agree(Step.AVERAGE)
         by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for grad in grads:
             by_kind.setdefault((grad.dtype, grad.device), []).append(grad)
@@ -257,3 +294,32 @@ class GradientSync:
             torch._foreach_copy_(
                 tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)]
             )
+
+
+def _describe_disagreement(table: list[list[float]]) -> str:
+    """What each rank was doing, and how many micro-batches it had run."""
+    steps = [int(row[3]) for row in table]
+    if len(set(steps)) > 1 and all(row[0] != Step.ENTER for row in table):
+        return (
+            f"ranks use different accumulation_steps (ranks 0..{len(table) - 1}: {steps}); "
+            "give every rank the same accumulation_steps"
+        )
+    if all(row[0] == Step.ENTER for row in table):
+        declared = [int(row[4]) for row in table]
+        return (
+            f"ranks declared different numbers of micro-batches for this block "
+            f"(total_micro_batches of ranks 0..{len(table) - 1}: {declared}). {_FIX}"
+        )
+    doing = [Step(int(row[0])) for row in table]
+    counts = [int(row[1]) for row in table]
+    if Step.END in doing and any(step is not Step.END for step in doing):
+        header = "ranks ran different numbers of micro-batches: a rank left the with block"
+    elif len(set(counts)) > 1:
+        header = "ranks ran different numbers of micro-batches"
+    else:
+        header = "ranks are not at the same point of this with block"
+    ranks = "; ".join(
+        f"rank {rank} ran {count} micro-batches, then " + _DOING[step].format(value=int(row[4]))
+        for rank, (step, count, row) in enumerate(zip(doing, counts, table, strict=True))
+    )
+    return f"{header} ({ranks}). {_FIX}"

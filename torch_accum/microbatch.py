@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from torch_accum._validation import check_weight
+from torch_accum.distributed import Step
 from torch_accum.memory import measure_activation_memory
 
 if TYPE_CHECKING:
@@ -184,7 +185,8 @@ class MicroBatchRunner:
             size = sizes.current = self._size_for_budget(driver, batch, compute_loss, total)
             sizes.sized_from_budget = True
         if sync is not None:
-            size = sizes.current = sync.agree_min(size)  # every rank cuts alike
+            # Every rank cuts alike, at the size that fits on all of them.
+            size = sizes.current = int(min(sync.agree(Step.STEP_BATCH, size)))
         # Only an adaptive size replays; a snapshot is taken for it alone.
         snapshot = _Snapshot(driver.model) if sizes.auto else None
         retried = False
@@ -192,7 +194,7 @@ class MicroBatchRunner:
             failure = self._attempt(driver, batch, compute_loss, weight, size)
             failed = failure is not None
             if sync is not None:
-                failed = sync.any_rank(failed, always=True)
+                failed = sync.any_rank(failed, step=Step.STEP_BATCH_FAILED)
             if not failed:
                 break
             driver.drop_window(uncount=True)
@@ -239,7 +241,8 @@ class MicroBatchRunner:
         if driver.sync is not None:
             # A shared reference agreed before the attempt: no collective may run inside it,
             # where one rank can stop at an out-of-memory error.
-            first_weight = driver.sync.global_sum(first_weight) / driver.sync.world_size
+            sync = driver.sync
+            first_weight = sum(sync.agree(Step.REFERENCE, first_weight)) / sync.world_size
         driver.start_window(len(pieces), first_weight, True, by_runner=True)
         try:
             for micro_batch, samples in pieces:
