@@ -401,6 +401,21 @@ def _uneven_matrix(rank: int, world: int, wrap: Callable[[], nn.Module]) -> dict
                 except Exception as error:  # the test inspects its type and message
                     outcome = (type(error).__name__, str(error))
                 results[f"{layout}/{weighted}/{declared}"] = (outcome, time.monotonic() - began)
+    # Equal counts, but rank 0 accumulates over fewer micro-batches than the others.
+    for declared in (False, True):
+        model = wrap()
+        optimizer = make_optimizer("sgd", model.parameters())
+        steps = UNEVEN_K if rank == 0 else 2 * UNEVEN_K
+        try:
+            total = 4 if declared else None
+            with Accumulator(model, optimizer, steps, total_micro_batches=total) as acc:
+                for _ in range(4):
+                    acc.backward(nn.functional.mse_loss(model(x[:2]), y[:2]))
+                    optimizer.step()
+                    optimizer.zero_grad()
+            results[f"steps/{declared}"] = None
+        except UnevenInputsError as error:
+            results[f"steps/{declared}"] = str(error)
     return results
 
 

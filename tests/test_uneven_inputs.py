@@ -29,8 +29,16 @@ def test_every_uneven_layout_raises_on_every_rank(wrapper, world, tmp_path):
         pytest.skip("FSDP2 on CPU needs a newer torch than this one (tested with 2.13)")
     ranks = launch(f"uneven_matrix_{wrapper}", tmp_path, world=world, timeout=240)
     layouts = uneven_layouts(world)
-    assert len(ranks[0]) == 4 * len(layouts)
-    for case in ranks[0]:
+    # Equal counts but different accumulation_steps (rank 0: 2, the others: 4).
+    steps = [2] + [4] * (world - 1)
+    for declared in (False, True):
+        for rank in ranks:
+            assert f"different accumulation_steps (ranks 0..{world - 1}: {steps})" in (
+                rank[f"steps/{declared}"] or "nothing raised"
+            )
+    matrix = [case for case in ranks[0] if case.count("/") == 2]
+    assert len(matrix) == 4 * len(layouts)
+    for case in matrix:
         layout, _weighted, declared = case.split("/")
         messages = set()
         for rank, results in enumerate(ranks):

@@ -299,7 +299,7 @@ class GradientSync:
 def _describe_disagreement(table: list[list[float]]) -> str:
     """What each rank was doing, and how many micro-batches it had run."""
     steps = [int(row[3]) for row in table]
-    if len(set(steps)) > 1 and all(row[0] != Step.ENTER for row in table):
+    if len(set(steps)) > 1:
         return (
             f"ranks use different accumulation_steps (ranks 0..{len(table) - 1}: {steps}); "
             "give every rank the same accumulation_steps"
