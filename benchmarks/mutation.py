@@ -1,0 +1,120 @@
+"""Mutation testing of torch_accum with mutmut: run it, then print the score per module.
+
+mutmut (configured in setup.cfg, [mutmut]) copies the package to ``mutants/``, makes every
+mutant it can (flipped comparisons, changed numbers, dropped arguments, ...), records in one
+run of the suite which tests call which function, and runs each mutant against those tests
+only. Slow (tens of minutes on 2 cores), so not in CI: run it before a release and record the
+score in docs/testing.md. See docs/testing.md for what the numbers mean.
+
+    pip install -e ".[dev,mutation]"
+    python benchmarks/mutation.py                        # everything, 2 workers, nice 19
+    python benchmarks/mutation.py torch_accum.progress   # one module (or several)
+    python benchmarks/mutation.py --report               # only print the last results
+
+The score counts a mutant as killed when a test failed (or timed out) on it, and divides by
+all mutants except those listed as equivalent in benchmarks/mutation_equivalent.txt (one
+``mutant_name  reason`` a line): survivors and mutants no test reaches count against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
+# mutmut's exit codes (mutmut/stats.py): 1 and 3 a failing test, 36 and the SIGXCPU codes
+# a timeout, 37 caught by the type checker; 0 survived; 5 and 33 no test calls the function.
+KILLED = {1, 3, 36, 37, -24, 24, 152, 255}
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """``mutant name -> reason`` from mutation_equivalent.txt (``#`` starts a comment line)."""
+    found: dict[str, str] = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, reason = line.strip().partition(" ")
+            found[name] = reason.strip()
+    return found
+
+
+def results() -> dict[str, int | None]:
+    """Every mutant's exit code (None: not run yet), from mutmut's ``mutants/**/*.meta``."""
+    codes: dict[str, int | None] = {}
+    for meta in sorted((ROOT / "mutants" / "torch_accum").glob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def module_of(mutant: str) -> str:
+    # torch_accum.progress.xǁProgressBarǁclose__mutmut_1 -> torch_accum.progress
+    return mutant.split(".x")[0] if ".x" in mutant else mutant.rsplit(".", 1)[0]
+
+
+def report(selected: list[str]) -> int:
+    """Print the table and the unexplained survivors; 0 if the score is at least 95%."""
+    equivalent = equivalent_mutants()
+    codes = {
+        name: code
+        for name, code in results().items()
+        if not selected or any(module_of(name) == s for s in selected)
+    }
+    rows: dict[str, Counter[str]] = {}
+    unexplained: list[str] = []
+    for name, code in codes.items():
+        row = rows.setdefault(module_of(name), Counter())
+        row["mutants"] += 1
+        if name in equivalent:
+            row["equivalent"] += 1
+        elif code in KILLED:
+            row["killed"] += 1
+        elif code is None:
+            row["not run"] += 1
+        else:
+            row["no tests" if code in NO_TESTS else "survived"] += 1
+            unexplained.append(f"{name}  ({'no tests' if code in NO_TESTS else code})")
+    columns = ["mutants", "killed", "equivalent", "survived", "no tests", "not run"]
+    print(f"{'module':32}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>9}")
+    total: Counter[str] = Counter()
+    for module, row in sorted(rows.items()):
+        total.update(row)
+        print(f"{module:32}" + "".join(f"{row[c]:>11}" for c in columns) + score(row))
+    print(f"{'all':32}" + "".join(f"{total[c]:>11}" for c in columns) + score(total))
+    if unexplained:
+        print(f"\n{len(unexplained)} mutants neither killed nor listed as equivalent:")
+        print("\n".join(f"  {line}" for line in sorted(unexplained)))
+        print("see one with: mutmut show <name>")
+    run = total["mutants"] - total["equivalent"] - total["not run"]
+    return 0 if run and total["killed"] >= 0.95 * run else 1
+
+
+def score(row: Counter[str]) -> str:
+    run = row["mutants"] - row["equivalent"] - row["not run"]
+    return f"{100 * row['killed'] / run:8.1f}%" if run else f"{'-':>9}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="e.g. torch_accum.progress (default: all)")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutants")
+    parser.add_argument("--report", action="store_true", help="print the last results only")
+    args = parser.parse_args()
+    if not args.report:
+        mutmut = Path(sys.executable).with_name("mutmut")
+        patterns = [f"{m}.*" for m in args.modules]
+        # nice: the run takes every core it is given; the machine stays usable meanwhile.
+        command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(args.max_children)]
+        env = {**os.environ, "PYTHONPATH": ""}  # import torch_accum from mutants/ only
+        subprocess.run([*command, *patterns], cwd=ROOT, env=env, check=False)
+    return report(args.modules)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

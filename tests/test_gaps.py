@@ -1,0 +1,389 @@
+"""Behaviours that mutation testing (benchmarks/mutation.py) found no test pinned.
+
+Grouped by module; docs/testing.md lists the surviving mutants each test kills.
+"""
+
+import sys
+
+import pytest
+import torch
+from helpers import make_batches, make_model, mse
+from torch import nn
+
+from torch_accum import Accumulator, measure_activation_memory
+
+
+# ----------------------------------------------------------------------------- progress.py
+class RecordingBar:
+    """Stands in for tqdm: records how the bar was made and every postfix and update."""
+
+    made: list["RecordingBar"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.postfixes = []
+        self.updates = 0
+        self.closed = False
+        RecordingBar.made.append(self)
+
+    def set_postfix(self, postfix, refresh=True):
+        self.postfixes.append((dict(postfix), refresh))
+
+    def update(self, n):
+        self.updates += n
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def recording_bar(monkeypatch):
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    RecordingBar.made = []
+    monkeypatch.setattr(tqdm_auto, "tqdm", RecordingBar)
+    return RecordingBar.made
+
+
+def train_with_bar(k=2, micro_batches=4, lr=0.05, **kwargs):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    acc = Accumulator(model, optimizer, k, progress=True, **kwargs)
+    with acc:
+        for batch in make_batches(micro_batches, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    return acc
+
+
+def test_progress_bar_in_a_log_file_redraws_rarely_at_a_fixed_width(recording_bar):
+    assert not sys.stderr.isatty()
+    train_with_bar(total_micro_batches=4)
+    (bar,) = recording_bar
+    assert bar.kwargs == {
+        "total": 2,
+        "desc": "optimizer steps",
+        "unit": "step",
+        "dynamic_ncols": False,
+        "mininterval": 10.0,
+    }
+    assert bar.updates == 2 and bar.closed
+
+
+def test_progress_bar_on_a_terminal_follows_its_width_and_redraws_often(recording_bar, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train_with_bar()
+    (bar,) = recording_bar
+    assert bar.kwargs["total"] is None  # the block's length is not known
+    assert bar.kwargs["dynamic_ncols"] is True
+    assert bar.kwargs["mininterval"] == 0.1
+
+
+def test_progress_bar_postfix_shows_micro_batch_loss_lr_and_skips(recording_bar):
+    acc = train_with_bar(k=2, micro_batches=4, lr=0.05)
+    (bar,) = recording_bar
+    postfixes = [postfix for postfix, _ in bar.postfixes]
+    assert all(refresh is False for _, refresh in bar.postfixes)  # tqdm redraws on its clock
+    assert postfixes[0] == {"micro": "1/2"}
+    assert postfixes[1] == {"micro": "2/2"}
+    assert postfixes[2] == {"micro": "2/2", "loss": postfixes[2]["loss"], "lr": "0.05"}
+    assert postfixes[-1]["loss"] == f"{acc.loss:.4g}"
+    assert "skipped" not in postfixes[-1]
+    assert len(postfixes) == 6  # 4 micro-batches + 2 steps
+
+
+def test_progress_bar_counts_skipped_steps(recording_bar):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = Accumulator(model, optimizer, 1, progress=True)
+    with acc, pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        x, y = make_batches(1, 4)[0]
+        acc.backward(mse(model, (x * float("nan"), y)))
+        optimizer.step()
+    (bar,) = recording_bar
+    postfix, _ = bar.postfixes[-1]
+    assert postfix["skipped"] == "1"
+    assert postfix["loss"] == "nan"
+
+
+# ----------------------------------------------------------------------------- error texts
+class Reprs:
+    """An object whose repr is exactly the text given."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("x" * 60, "got " + "x" * 60 + " (Reprs)"),  # up to 60 characters the repr is shown
+        ("x" * 61, "an object of type Reprs"),  # a longer one is summarised
+        ("a\nb", "an object of type Reprs"),  # as is a short one on several lines
+    ],
+)
+def test_error_messages_show_short_one_line_reprs_only(text, shown):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    value = Reprs(text)
+    with pytest.raises(TypeError) as accumulator_error:
+        Accumulator(model, optimizer, value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as memory_error:
+        measure_activation_memory(value)
+    for error in (accumulator_error, memory_error):
+        assert shown in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- _boundary.py
+class Wide(nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.ok = nn.Linear(2, 2)  # finite gradient, listed first
+        self.layers = nn.ModuleList(nn.Linear(2, 2, bias=False) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
+        out = self.ok(x).sum()
+        for layer in self.layers:
+            out = out + (layer(x) * poison).sum()
+        return out
+
+
+@pytest.mark.parametrize(
+    ("layers", "listed"),
+    [
+        (
+            5,
+            "5 parameter(s): layers.0.weight, layers.1.weight, layers.2.weight, "
+            "layers.3.weight, layers.4.weight; the update",
+        ),
+        (
+            6,
+            "6 parameter(s): layers.0.weight, layers.1.weight, layers.2.weight, "
+            "layers.3.weight, layers.4.weight ...; the update",
+        ),
+    ],
+)
+def test_non_finite_error_names_the_first_five_parameters(layers, listed):
+    model = Wide(layers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 1, on_nonfinite="raise")
+    with acc, pytest.raises(RuntimeError) as error:
+        acc.backward(model(torch.ones(1, 2), torch.tensor(float("inf"))))
+        optimizer.step()
+    assert f"non-finite gradient in {listed}" in str(error.value)
+
+
+def test_non_finite_warning_shows_the_shape_of_a_parameter_outside_the_model():
+    model = make_model()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    acc = Accumulator(model, optimizer, 1)
+    with acc, pytest.warns(RuntimeWarning) as warned:
+        x, y = make_batches(1, 4)[0]
+        acc.backward(mse(model, (x, y)) + (extra * float("inf")).sum())
+        optimizer.step()
+    assert str(warned[0].message) == (
+        "non-finite gradient in 1 parameter(s): <parameter of shape (3,)>: optimizer step 1 skipped"
+    )
+
+
+# ----------------------------------------------------------------------------- resumable state
+def pending_state(k=3, micro_batches=1, weight=None, dtype=torch.float64):
+    model = make_model(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, k)
+    with acc:
+        for batch in make_batches(micro_batches, 4, dtype):
+            acc.backward(mse(model, batch), weight=weight)
+            if acc.sync_gradients:
+                break
+        state = acc.state_dict()
+    return model, acc, state
+
+
+def test_a_state_dict_from_before_explicit_window_states_still_loads():
+    # Older checkpoints saved no window "state", "length" or "weighted"; a complete window
+    # was marked by window_ready alone. Such a window must still be applied on resume.
+    _, _, state = pending_state(k=2, micro_batches=2)
+    assert state["window_ready"] and state["window"]["state"] == "complete"
+    for key in ("state", "length", "weighted"):
+        del state["window"][key]
+    expected = make_model()
+    expected_optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
+    for p, saved in zip(expected.parameters(), state["gradients"]):
+        p.grad = saved.clone()
+    expected_optimizer.step()
+
+    resumed_model = make_model()
+    optimizer = torch.optim.SGD(resumed_model.parameters(), lr=0.1)
+    acc = Accumulator(resumed_model, optimizer, 2)
+    acc.load_state_dict(state)
+    assert acc.window_state.value == "complete" and acc.micro_step == 2
+    with acc:
+        optimizer.step()  # the loop's step after the backward that completed the window
+    assert acc.optimizer_steps == 1
+    for got, want in zip(resumed_model.parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_old_pending_window_resumes_with_the_saved_length():
+    _, _, state = pending_state(k=3, micro_batches=1)
+    for key in ("state", "length", "weighted"):
+        del state["window"][key]
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    acc.load_state_dict(state)
+    assert acc.window_state.value == "accumulating"
+    ends = []
+    with acc:
+        for batch in make_batches(2, 4, seed=7):
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, True]  # two more micro-batches complete the window of 3
+    assert acc.optimizer_steps == 1
+
+
+def test_load_state_dict_restores_the_skipped_steps():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 1)
+    with acc, pytest.warns(RuntimeWarning):
+        x, y = make_batches(1, 4)[0]
+        acc.backward(mse(model, (x * float("nan"), y)))
+        optimizer.step()
+    state = acc.state_dict()
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 1)
+    other.load_state_dict(state)
+    assert (other.skipped_steps, other.optimizer_steps) == (1, 0)
+
+
+def test_load_state_dict_rejects_a_gradient_of_the_wrong_shape():
+    _, _, state = pending_state()
+    state["gradients"][0] = torch.zeros(2, 2, dtype=torch.float64)
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    with pytest.raises(
+        ValueError,
+        match=r"state_dict\['gradients'\]\[0\] has shape \(2, 2\) but the parameter has shape \(16, 6\)",
+    ):
+        acc.load_state_dict(state)
+
+
+def test_loaded_gradients_take_the_parameters_dtype_and_are_copies():
+    _, _, state = pending_state(dtype=torch.float32)
+    model = make_model(torch.float64)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    acc.load_state_dict(state)
+    for param, saved in zip(model.parameters(), state["gradients"]):
+        assert param.grad.dtype == torch.float64 and param.grad.device == param.device
+        torch.testing.assert_close(param.grad, saved.double(), rtol=0, atol=0)
+    # Accumulating further must not write into the checkpoint's tensors.
+    saved_copy = [g.clone() for g in state["gradients"]]
+    same = make_model(torch.float32)
+    acc32 = Accumulator(same, torch.optim.SGD(same.parameters(), lr=0.1), 3)
+    acc32.load_state_dict(state)
+    with acc32:
+        acc32.backward(mse(same, make_batches(1, 4, torch.float32, seed=9)[0]))
+    for saved, before in zip(state["gradients"], saved_copy):
+        assert torch.equal(saved, before)
+
+
+# ----------------------------------------------------------------------------- _validation.py
+def test_shared_parameters_are_counted_across_all_optimizers():
+    a, b, c = (nn.Parameter(torch.ones(1)) for _ in range(3))
+    first = torch.optim.SGD([a, b], lr=0.1)
+    second = torch.optim.SGD([a], lr=0.1)
+    third = torch.optim.SGD([b, c], lr=0.1)
+    model = nn.Module()
+    with pytest.raises(
+        ValueError, match=r"optimizer: 2 parameter\(s\) belong to more than one of the optimizers"
+    ):
+        Accumulator(model, [first, second, third])
+
+
+# ----------------------------------------------------------------------------- iterate()
+def test_iterate_refuses_to_go_on_after_the_block_has_ended():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    batches = make_batches(2, 4)
+    with acc:
+        items = acc.iterate(batches)
+        acc.backward(mse(model, next(items)))
+        acc.discard()
+    with pytest.raises(RuntimeError, match=r"acc.iterate\(\) was called outside the `with acc:`"):
+        next(items)
+
+
+def test_a_complete_window_resumed_with_non_finite_gradients_is_skipped():
+    _, _, state = pending_state(k=2, micro_batches=2)
+    state["gradients"][0][0, 0] = float("nan")
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    acc = Accumulator(model, optimizer, 2)
+    acc.load_state_dict(state)
+    with acc, pytest.warns(RuntimeWarning, match="non-finite gradient in 1 parameter"):
+        optimizer.step()
+    assert (acc.optimizer_steps, acc.skipped_steps) == (0, 1)
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)
+
+
+def test_load_state_dict_restores_the_last_window_loss():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    with acc:
+        for batch in make_batches(3, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+        state = acc.state_dict()  # one pending micro-batch, one finished window
+        loss_at_save = acc.loss
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    assert other.loss is None
+    other.load_state_dict(state)
+    assert isinstance(other.loss, float)
+    assert other.loss == loss_at_save
+
+
+def test_state_dict_of_a_pending_window_keeps_parameters_without_gradient():
+    model = nn.ModuleDict({"used": nn.Linear(6, 3), "unused": nn.Linear(6, 3)}).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    x, y = make_batches(1, 4)[0]
+    with acc:
+        acc.backward(nn.functional.mse_loss(model["used"](x), y))
+        state = acc.state_dict()
+    assert [g is None for g in state["gradients"]] == [False, False, True, True]
+    other_model = nn.ModuleDict({"used": nn.Linear(6, 3), "unused": nn.Linear(6, 3)}).double()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    other.load_state_dict(state)
+    assert other_model["unused"].weight.grad is None
+    torch.testing.assert_close(
+        other_model["used"].weight.grad, state["gradients"][0], rtol=0, atol=0
+    )
+
+
+# ----------------------------------------------------------------------------- _patching.py
+def test_scheduler_state_dict_inside_the_block_keeps_its_own_instance_attributes():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    # An instance attribute of the scheduler's own (set by the user or another wrapper) that
+    # the Accumulator shadows while the block runs: checkpoints must hold the original.
+    own_step = scheduler.step
+    scheduler.step = own_step
+    outside = scheduler.state_dict()
+    with Accumulator(model, optimizer, 2, scheduler=scheduler):
+        inside = scheduler.state_dict()
+    assert inside.keys() == outside.keys()
+    assert inside["step"] is own_step
