@@ -10,8 +10,13 @@ score in docs/testing.md. See docs/testing.md for what the numbers mean.
     python benchmarks/mutation.py                        # everything, 2 workers, nice 19
     python benchmarks/mutation.py torch_accum.progress   # one module (or several)
     python benchmarks/mutation.py --report               # only print the last results
+    python benchmarks/mutation.py --rerun-survivors      # after adding tests: run them again
+    python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
 
-The score counts a mutant as killed when a test failed (or timed out) on it, and divides by
+``--recheck FILES`` runs each survivor against the tests in FILES that call its function
+(found the way mutmut finds them), in one process; a kill found so is recorded in
+``mutants/recheck.json`` and counted. The score counts a mutant as killed when a test failed
+(or timed out) on it, and divides by
 all mutants except those listed as equivalent in benchmarks/mutation_equivalent.txt (one
 ``mutant_name  reason`` a line): survivors and mutants no test reaches count against it.
 """
@@ -21,16 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
 # mutmut's exit codes (mutmut/stats.py): 1 and 3 a failing test, 36 and the SIGXCPU codes
 # a timeout, 37 caught by the type checker; 0 survived; 5 and 33 no test calls the function.
 KILLED = {1, 3, 36, 37, -24, 24, 152, 255}
+RECHECK = ROOT / "mutants" / "recheck.json"
 SURVIVED = {0}
 NO_TESTS = {5, 33}
 
@@ -50,7 +58,58 @@ def results() -> dict[str, int | None]:
     codes: dict[str, int | None] = {}
     for meta in sorted((ROOT / "mutants" / "torch_accum").glob("*.py.meta")):
         codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    if RECHECK.exists():  # kills found by --recheck (a failing test: exit code 1)
+        for name, code in json.loads(RECHECK.read_text()).items():
+            if code == 1 and codes.get(name) in SURVIVED | NO_TESTS:
+                codes[name] = 1
     return codes
+
+
+def recheck(files: list[str]) -> None:
+    """Run every survivor against the tests in ``files`` that reach its function."""
+    names = [name for name, code in results().items() if code in SURVIVED | NO_TESTS]
+    for file in files:  # mutants/ holds a copy of tests/ from the start of the run
+        shutil.copy(ROOT / file, ROOT / "mutants" / file)
+    command = [sys.executable, __file__, "--recheck-worker", json.dumps(names), *files]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "mutants")}
+    subprocess.run(["nice", "-n", "19", *command], cwd=ROOT / "mutants", env=env, check=True)
+
+
+def recheck_worker(names: list[str], files: list[str]) -> None:
+    """In mutants/: find the tests that call each function, then run each mutant on them."""
+    import signal
+    from collections import defaultdict
+
+    import pytest
+    from mutmut.state import state
+
+    covering: dict[str, list[str]] = defaultdict(list)
+
+    class Coverage:
+        def pytest_runtest_teardown(self, item: Any, nextitem: Any) -> None:
+            for function in state()._stats:
+                covering[function].append(item.nodeid)
+            state()._stats.clear()
+
+    quiet = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--no-header", "-rN"]
+    os.environ["MUTANT_UNDER_TEST"] = "stats"
+    pytest.main([*quiet, *files], plugins=[Coverage()])
+
+    def too_slow(*_: Any) -> None:
+        raise TimeoutError("mutant ran too long")
+
+    signal.signal(signal.SIGALRM, too_slow)
+    found: dict[str, int] = json.loads(RECHECK.read_text()) if RECHECK.exists() else {}
+    for name in names:
+        tests = covering.get(name.partition("__mutmut_")[0], [])
+        if not tests:
+            continue
+        os.environ["MUTANT_UNDER_TEST"] = name
+        signal.alarm(120)
+        found[name] = int(pytest.main(["-x", *quiet, *tests]))
+        signal.alarm(0)
+        print(f"{'killed' if found[name] else 'survived'}: {name}", flush=True)
+        RECHECK.write_text(json.dumps(found, indent=1))
 
 
 def module_of(mutant: str) -> str:
@@ -61,9 +120,12 @@ def module_of(mutant: str) -> str:
 def report(selected: list[str]) -> int:
     """Print the table and the unexplained survivors; 0 if the score is at least 95%."""
     equivalent = equivalent_mutants()
+    known = results()
+    for name in sorted(set(equivalent) - set(known)):
+        print(f"mutation_equivalent.txt names an unknown mutant: {name}")
     codes = {
         name: code
-        for name, code in results().items()
+        for name, code in known.items()
         if not selected or any(module_of(name) == s for s in selected)
     }
     rows: dict[str, Counter[str]] = {}
@@ -105,10 +167,23 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="e.g. torch_accum.progress (default: all)")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutants")
     parser.add_argument("--report", action="store_true", help="print the last results only")
+    parser.add_argument(
+        "--rerun-survivors", action="store_true", help="run the surviving mutants again"
+    )
+    parser.add_argument("--recheck", nargs="+", metavar="FILE", help="test files, see above")
+    parser.add_argument("--recheck-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.report:
+    if args.recheck_worker:
+        recheck_worker(json.loads(args.recheck_worker), args.modules)
+        return 0
+    if args.recheck:
+        recheck(args.recheck)
+    elif not args.report:
         mutmut = Path(sys.executable).with_name("mutmut")
         patterns = [f"{m}.*" for m in args.modules]
+        if args.rerun_survivors:
+            # mutmut keeps every verdict; named mutants run again, new tests included.
+            patterns = [name for name, code in results().items() if code in SURVIVED]
         # nice: the run takes every core it is given; the machine stays usable meanwhile.
         command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(args.max_children)]
         env = {**os.environ, "PYTHONPATH": ""}  # import torch_accum from mutants/ only

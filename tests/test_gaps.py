@@ -4,6 +4,7 @@ Grouped by module; docs/testing.md lists the surviving mutants each test kills.
 """
 
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch_accum import Accumulator, measure_activation_memory
 class RecordingBar:
     """Stands in for tqdm: records how the bar was made and every postfix and update."""
 
-    made: list["RecordingBar"] = []
+    made: ClassVar[list["RecordingBar"]] = []
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -142,7 +143,8 @@ def test_error_messages_show_short_one_line_reprs_only(text, shown):
 class Wide(nn.Module):
     def __init__(self, layers: int) -> None:
         super().__init__()
-        self.ok = nn.Linear(2, 2)  # finite gradient, listed first
+        self.unused = nn.Linear(2, 2)  # no gradient at all, listed first
+        self.ok = nn.Linear(2, 2)  # finite gradient
         self.layers = nn.ModuleList(nn.Linear(2, 2, bias=False) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
@@ -212,6 +214,8 @@ def test_a_state_dict_from_before_explicit_window_states_still_loads():
     assert state["window_ready"] and state["window"]["state"] == "complete"
     for key in ("state", "length", "weighted"):
         del state["window"][key]
+        if state["last_window"] is not None:
+            del state["last_window"][key]
     expected = make_model()
     expected_optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
     for p, saved in zip(expected.parameters(), state["gradients"]):
@@ -387,3 +391,222 @@ def test_scheduler_state_dict_inside_the_block_keeps_its_own_instance_attributes
         inside = scheduler.state_dict()
     assert inside.keys() == outside.keys()
     assert inside["step"] is own_step
+
+
+# ----------------------------------------------------------------------------- _boundary.py
+def test_with_a_scaler_an_error_after_the_first_optimizer_stepped_uses_the_window_up():
+    class FailsOnce(torch.optim.SGD):
+        failed = False
+
+        def step(self, closure=None):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("second optimizer failed")
+            return super().step(closure)
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = FailsOnce(model[1].parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    acc = Accumulator(model, [first, second], 1, scaler=scaler)
+    x, y = make_batches(1, 4, torch.float32)[0]
+    with acc:
+        acc.backward(nn.functional.mse_loss(model(x), y))
+        first_before = [p.detach().clone() for p in model[0].parameters()]
+        with pytest.raises(RuntimeError, match="second optimizer failed"):
+            scaler.step(first)
+        # The first optimizer stepped: a retry must not step it again.
+        assert acc.window_state.value == "applied"
+        stepped = [p.detach().clone() for p in model[0].parameters()]
+        assert not torch.equal(stepped[0], first_before[0])
+        scaler.step(first)
+        for got, want in zip(model[0].parameters(), stepped):
+            assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- _interception.py
+def test_scaler_step_passes_arguments_through():
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None, tag=None):
+            calls.append((closure, tag))
+            return super().step()
+
+    calls = []
+    model = nn.Linear(6, 3)
+    extra = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    unmanaged = Recording([extra], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    x, y = make_batches(1, 4, torch.float32)[0]
+    with Accumulator(model, optimizer, 2, scaler=scaler) as acc:
+        acc.backward(nn.functional.mse_loss(model(x), y))
+        # An optimizer the Accumulator does not manage steps as usual, with its arguments.
+        extra.grad = torch.ones(2)
+        scaler.step(unmanaged, "positional", tag="keyword")
+        assert calls == [("positional", "keyword")]
+        # The managed optimizer gets them too, and refuses a closure as optimizer.step does.
+        with pytest.raises(TypeError, match=r"optimizer.step\(closure\) is not supported"):
+            scaler.step(optimizer, lambda: None)
+        with pytest.raises(TypeError, match=r"optimizer.step\(closure\) is not supported"):
+            scaler.step(optimizer, closure=lambda: None)
+
+
+def test_a_scheduler_whose_state_dict_leaves_out_attributes_saves_inside_the_block():
+    class Scheduler(torch.optim.lr_scheduler.StepLR):
+        def state_dict(self):
+            return {"last_epoch": self.last_epoch}
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = Scheduler(optimizer, step_size=1)
+    with Accumulator(model, optimizer, 2, scheduler=scheduler):
+        assert scheduler.state_dict() == {"last_epoch": 0}
+
+
+def test_calls_made_during_the_boundary_update_pass_through_with_their_arguments():
+    class Recording(torch.optim.lr_scheduler.StepLR):
+        def step(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            super().step()
+
+    calls = []
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = Recording(optimizer, step_size=1)
+    calls.clear()  # the constructor's own step
+    # An optimizer hook runs inside the update, where patched calls must go straight through.
+    optimizer.register_step_post_hook(lambda *_: scheduler.step("hook", key="value"))
+    with Accumulator(model, optimizer, 1, scheduler=scheduler) as acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        optimizer.step()
+    assert calls == [(("hook",), {"key": "value"}), ((), {})]
+
+
+# ----------------------------------------------------------------------------- _driver.py
+@pytest.mark.parametrize("clear", ["optimizer", "model"])
+def test_zero_grad_before_the_first_backward_clears_gradients_left_from_before(clear):
+    batches = make_batches(2, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mse(model, batches[0]).backward()  # e.g. a sanity check run before training
+    with Accumulator(model, optimizer, 2) as acc:
+        for batch in batches:
+            (optimizer if clear == "optimizer" else model).zero_grad()
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    full = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    mse(reference, full).backward()
+    ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- microbatch.py
+def test_memory_budget_sizing_starts_from_a_four_sample_probe():
+    # The 4-sample probe's peak per sample gives the first guess; a bisection on measured
+    # peaks then settles on the largest size within the budget.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 1))
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+
+    def peak(size):
+        return measure_activation_memory(
+            lambda: nn.functional.mse_loss(model(x[:size]), y[:size]),
+            parameters=model.parameters(),
+        ).peak
+
+    budget = peak(20)
+    largest = max(s for s in range(1, 65) if peak(s) <= budget)
+    sizes = []
+
+    def compute_loss(micro):
+        sizes.append(len(micro[0]))
+        return nn.functional.mse_loss(model(micro[0]), micro[1])
+
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        micro_batch_size="auto",
+        memory_budget=budget,
+    )
+    with acc:
+        acc.step_batch((x, y), compute_loss)
+    assert acc.micro_batch_size == largest
+    first_guess = int(budget // (peak(4) / 4))
+    assert sizes[:2] == [4, first_guess]
+    probes = sizes[: -len(range(0, 64, largest))]
+    assert sizes[len(probes) :] == [largest] * (64 // largest) + [64 % largest] * bool(64 % largest)
+    assert len(probes) <= 8
+
+
+def test_state_dict_survives_a_round_trip_unchanged():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    batches = make_batches(4, 4)
+    with acc:
+        for batch, weight in zip(batches, [1.0, 2.0, 3.0, 4.0]):
+            acc.backward(mse(model, batch), weight=weight)
+            optimizer.step()
+        # K changes between windows: the pending window keeps its own length of 3.
+        acc.accumulation_steps = 2
+        state = acc.state_dict()
+    assert state["window"]["length"] == 3 and state["accumulation_steps"] == 2
+    assert state["window"]["weighted"] is True and state["last_window"]["weighted"] is True
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    other.load_state_dict(state)
+    again = other.state_dict()
+    assert again.keys() == state.keys()
+    for key in ("accumulation_steps", "optimizer_steps", "skipped_steps", "window_ready"):
+        assert again[key] == state[key], key
+    for part in ("window", "last_window"):
+        for key, value in state[part].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(again[part][key], value), (part, key)
+            else:
+                assert again[part][key] == value, (part, key)
+    # The resumed window still needs two more micro-batches to reach its length of 3.
+    ends = []
+    with other:
+        for batch in make_batches(2, 4, seed=3):
+            other.backward(mse(other_model, batch))
+            ends.append(other.sync_gradients)
+            other_model.zero_grad()
+    assert ends == [False, True]
+
+
+def test_loading_a_state_dict_into_a_running_window_continues_from_it():
+    # Rolling back to a checkpoint mid-window: the loaded gradients replace the pending
+    # ones, and the next acc.backward must not mistake them for a foreign write.
+    batches = make_batches(4, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 3) as acc:
+        acc.backward(mse(model, batches[0]))
+        state = acc.state_dict()
+        acc.backward(mse(model, batches[1]))
+        acc.load_state_dict(state)  # back to one micro-batch pending
+        for batch in batches[2:]:
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    assert acc.optimizer_steps == 1
+    kept = [batches[0], *batches[2:]]
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    mse(reference, (torch.cat([x for x, _ in kept]), torch.cat([y for _, y in kept]))).backward()
+    ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_loaded_gradients_move_to_the_parameters_device():
+    # A checkpoint saved on one device and loaded on another (here: onto the meta device).
+    _, _, state = pending_state()
+    model = make_model().to("meta")
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    acc.load_state_dict(state)
+    for param in model.parameters():
+        assert param.grad.device.type == "meta"
