@@ -610,3 +610,13 @@ def test_loaded_gradients_move_to_the_parameters_device():
     acc.load_state_dict(state)
     for param in model.parameters():
         assert param.grad.device.type == "meta"
+
+
+def test_a_memory_budget_below_one_sample_falls_back_to_micro_batches_of_one():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto", memory_budget=1)
+    with acc:
+        acc.step_batch(make_batches(1, 6)[0], lambda micro: mse(model, micro))
+    assert acc.micro_batch_size == 1
+    assert acc.optimizer_steps == 1
