@@ -620,3 +620,61 @@ def test_a_memory_budget_below_one_sample_falls_back_to_micro_batches_of_one():
         acc.step_batch(make_batches(1, 6)[0], lambda micro: mse(model, micro))
     assert acc.micro_batch_size == 1
     assert acc.optimizer_steps == 1
+
+
+# ----------------------------------------------------------------------------- discarding
+def test_discard_keeps_the_micro_batches_counted_towards_total_micro_batches():
+    # acc.discard() drops the window, not the block's progress: the third acc.backward of a
+    # block declared with 3 micro-batches still ends it.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(3, 4)
+    with Accumulator(model, optimizer, 3, total_micro_batches=3) as acc:
+        acc.backward(mse(model, batches[0]))
+        assert acc.discard() == 1
+        ends = []
+        for batch in batches[1:]:
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, True]
+    assert acc.optimizer_steps == 1
+
+
+def test_a_failed_step_batch_leaves_the_blocks_count_as_it_was():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(3, 4)
+    calls = []
+
+    def failing(micro):
+        calls.append(len(micro[0]))
+        if len(calls) == 2:
+            raise ValueError("bad sample")
+        return mse(model, micro)
+
+    acc = Accumulator(model, optimizer, 2, micro_batch_size=2, total_micro_batches=2)
+    with acc:
+        with pytest.raises(ValueError, match="bad sample"):
+            acc.step_batch(batches[0], failing)
+        ends = []
+        for batch in batches[1:]:
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, True]
+
+
+def test_discard_frees_the_dropped_gradients_at_once():
+    import gc
+    import weakref
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 3) as acc:
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        acc.discard()
+        gc.collect()
+        assert all(ref() is None for ref in grads)
