@@ -58,11 +58,18 @@ def results() -> dict[str, int | None]:
     codes: dict[str, int | None] = {}
     for meta in sorted((ROOT / "mutants" / "torch_accum").glob("*.py.meta")):
         codes.update(json.loads(meta.read_text())["exit_code_by_key"])
-    if RECHECK.exists():  # kills found by --recheck (a failing test: exit code 1)
-        for name, code in json.loads(RECHECK.read_text()).items():
-            if code == 1 and codes.get(name) in SURVIVED | NO_TESTS:
-                codes[name] = 1
+    for name, (code, _) in rechecked().items():  # kills found by --recheck
+        if code == 1 and codes.get(name) in SURVIVED | NO_TESTS:
+            codes[name] = 1
     return codes
+
+
+def rechecked() -> dict[str, tuple[int, str]]:
+    """``mutant -> (pytest exit code, the test that failed)`` from ``--recheck`` runs."""
+    if not RECHECK.exists():
+        return {}
+    found = json.loads(RECHECK.read_text())
+    return {name: (v, "") if isinstance(v, int) else tuple(v) for name, v in found.items()}
 
 
 def recheck(files: list[str]) -> None:
@@ -85,6 +92,13 @@ def recheck_worker(names: list[str], files: list[str]) -> None:
 
     covering: dict[str, list[str]] = defaultdict(list)
 
+    failed: list[str] = []
+
+    class FirstFailure:
+        def pytest_runtest_logreport(self, report: Any) -> None:
+            if report.failed:
+                failed.append(report.nodeid)
+
     class Coverage:
         def pytest_runtest_teardown(self, item: Any, nextitem: Any) -> None:
             for function in state()._stats:
@@ -99,16 +113,18 @@ def recheck_worker(names: list[str], files: list[str]) -> None:
         raise TimeoutError("mutant ran too long")
 
     signal.signal(signal.SIGALRM, too_slow)
-    found: dict[str, int] = json.loads(RECHECK.read_text()) if RECHECK.exists() else {}
+    found = {name: list(value) for name, value in rechecked().items()}
     for name in names:
         tests = covering.get(name.partition("__mutmut_")[0], [])
         if not tests:
             continue
         os.environ["MUTANT_UNDER_TEST"] = name
+        failed.clear()
         signal.alarm(120)
-        found[name] = int(pytest.main(["-x", *quiet, *tests]))
+        code = int(pytest.main(["-x", *quiet, *tests], plugins=[FirstFailure()]))
         signal.alarm(0)
-        print(f"{'killed' if found[name] else 'survived'}: {name}", flush=True)
+        found[name] = [code, failed[0] if failed else ""]
+        print(f"{'killed' if code else 'survived'}: {name} {found[name][1]}", flush=True)
         RECHECK.write_text(json.dumps(found, indent=1))
 
 
@@ -159,6 +175,43 @@ def report(selected: list[str]) -> int:
     return 0 if run and total["killed"] >= 0.95 * run else 1
 
 
+def markdown() -> None:
+    """The tables of docs/testing.md: score per module, and what became of each survivor."""
+    equivalent = equivalent_mutants()
+    rows: dict[str, Counter[str]] = {}
+    for name, code in results().items():
+        row = rows.setdefault(module_of(name), Counter())
+        row["mutants"] += 1
+        status = (
+            "killed"
+            if code in KILLED
+            else "equivalent"
+            if name in equivalent
+            else "not run"
+            if code is None
+            else "no tests"
+            if code in NO_TESTS
+            else "survived"
+        )
+        row[status] += 1
+    columns = ["mutants", "killed", "equivalent", "survived", "no tests", "not run"]
+    print("| module | " + " | ".join(columns) + " | score |")
+    print("| --- " * (len(columns) + 2) + "|")
+    total: Counter[str] = Counter()
+    for module, row in [*sorted(rows.items()), ("all", total)]:
+        if module != "all":
+            total.update(row)
+        counts = " | ".join(str(row[c]) for c in columns)
+        print(f"| {module} | {counts} | {score(row).strip()} |")
+    print("\n| mutant | killed by |\n| --- | --- |")
+    for name, (code, test) in sorted(rechecked().items()):
+        if code == 1:
+            print(f"| `{name}` | `{test}` |")
+    print("\n| mutant | equivalent because |\n| --- | --- |")
+    for name, reason in equivalent.items():
+        print(f"| `{name}` | {reason} |")
+
+
 def score(row: Counter[str]) -> str:
     run = row["mutants"] - row["equivalent"] - row["not run"]
     return f"{100 * row['killed'] / run:8.1f}%" if run else f"{'-':>9}"
@@ -173,10 +226,14 @@ def main() -> int:
         "--rerun-survivors", action="store_true", help="run the surviving mutants again"
     )
     parser.add_argument("--recheck", nargs="+", metavar="FILE", help="test files, see above")
+    parser.add_argument("--markdown", action="store_true", help="the tables for the docs")
     parser.add_argument("--recheck-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.recheck_worker:
         recheck_worker(json.loads(args.recheck_worker), args.modules)
+        return 0
+    if args.markdown:
+        markdown()
         return 0
     if args.recheck:
         recheck(args.recheck)
