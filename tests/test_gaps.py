@@ -678,3 +678,16 @@ def test_discard_frees_the_dropped_gradients_at_once():
         acc.discard()
         gc.collect()
         assert all(ref() is None for ref in grads)
+
+
+def test_probe_up_after_does_not_probe_at_the_cap(caplog):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(
+        model, optimizer, micro_batch_size="auto", max_micro_batch_size=4, probe_up_after=1
+    )
+    with caplog.at_level("INFO", logger="torch_accum"), acc:
+        for batch in make_batches(3, 8):
+            acc.step_batch(batch, lambda micro: mse(model, micro))
+    assert acc.micro_batch_size == 4
+    assert "probing" not in caplog.text
