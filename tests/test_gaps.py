@@ -691,3 +691,18 @@ def test_probe_up_after_does_not_probe_at_the_cap(caplog):
             acc.step_batch(batch, lambda micro: mse(model, micro))
     assert acc.micro_batch_size == 4
     assert "probing" not in caplog.text
+
+
+def test_window_loss_weights_are_exact_in_float64():
+    # Relative weights such as 0.1 are not float32 numbers: the mean must not round them.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = make_batches(3, 4)
+    weights = [1.0, 0.1, 0.7]
+    losses = [mse(model, b).item() for b in batches]
+    with Accumulator(model, optimizer, 3) as acc:
+        for batch, weight in zip(batches, weights):
+            acc.backward(mse(model, batch), weight=weight)
+            optimizer.step()
+    expected = sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
+    assert acc.loss == pytest.approx(expected, rel=1e-13, abs=0)
