@@ -706,3 +706,14 @@ def test_window_loss_weights_are_exact_in_float64():
             optimizer.step()
     expected = sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
     assert acc.loss == pytest.approx(expected, rel=1e-13, abs=0)
+
+
+def test_discard_sets_every_gradient_to_none_also_outside_the_optimizer():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3)).double()
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)  # model[1] trains elsewhere
+    x, y = make_batches(1, 4)[0]
+    with Accumulator(model, optimizer, 2) as acc:
+        acc.backward(nn.functional.mse_loss(model(x), y))
+        assert all(p.grad is not None for p in model.parameters())
+        acc.discard()
+        assert [p.grad for p in model.parameters()] == [None] * 4
