@@ -717,3 +717,50 @@ def test_discard_sets_every_gradient_to_none_also_outside_the_optimizer():
         assert all(p.grad is not None for p in model.parameters())
         acc.discard()
         assert [p.grad for p in model.parameters()] == [None] * 4
+
+
+def test_memory_budget_measures_only_before_the_first_batch():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def compute_loss(micro):
+        calls.append(len(micro[0]))
+        return mse(model, micro)
+
+    acc = Accumulator(
+        model, optimizer, micro_batch_size="auto", max_micro_batch_size=4, memory_budget=10**9
+    )
+    with acc:
+        acc.step_batch(make_batches(1, 8)[0], compute_loss)
+        assert len(calls) > 2  # the probes, then two micro-batches of 4
+        calls.clear()
+        acc.step_batch(make_batches(1, 8, seed=2)[0], compute_loss)
+    assert calls == [4, 4]
+
+
+def test_step_batch_weighs_micro_batches_by_the_weight_function():
+    # A loss that is a mean over tokens, with a different number of tokens per micro-batch:
+    # weighted by tokens, the update is the mean over all tokens of the batch.
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1], [1, 1, 1]])
+    mask = mask.bool()
+
+    def token_mean(model, x, y, mask):
+        return ((model(x) - y) ** 2)[mask].mean()
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, micro_batch_size=2) as acc:
+        acc.step_batch(
+            (x, y, mask),
+            lambda micro: token_mean(model, *micro),
+            weight=lambda micro: micro[2].sum(),
+        )
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    token_mean(reference, x, y, mask).backward()
+    ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
