@@ -74,7 +74,7 @@ def rechecked() -> dict[str, tuple[int, str]]:
 
 def recheck(files: list[str]) -> None:
     """Run every survivor against the tests in ``files`` that reach its function."""
-    names = [name for name, code in results().items() if code in SURVIVED | NO_TESTS]
+    names = [name for name, code in results().items() if code in SURVIVED]
     for file in files:  # mutants/ holds a copy of tests/ from the start of the run
         shutil.copy(ROOT / file, ROOT / "mutants" / file)
     command = [sys.executable, __file__, "--recheck-worker", json.dumps(names), *files]

@@ -243,6 +243,7 @@ def test_an_old_pending_window_resumes_with_the_saved_length():
     acc = Accumulator(model, optimizer, 3)
     acc.load_state_dict(state)
     assert acc.window_state.value == "accumulating"
+    assert acc.state_dict()["window"]["weighted"] is False  # unweighted unless saved so
     ends = []
     with acc:
         for batch in make_batches(2, 4, seed=7):
@@ -764,3 +765,59 @@ def test_step_batch_weighs_micro_batches_by_the_weight_function():
     ref_optimizer.step()
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_an_out_of_memory_replay_counts_the_replayed_micro_batches_once():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def compute_loss(micro):
+        calls.append(len(micro[0]))
+        if len(calls) == 2:  # the second micro-batch of the first attempt
+            raise torch.OutOfMemoryError("simulated")
+        return mse(model, micro)
+
+    acc = Accumulator(
+        model,
+        optimizer,
+        micro_batch_size="auto",
+        max_micro_batch_size=2,
+        total_micro_batches=5,
+    )
+    with acc:
+        acc.step_batch(make_batches(1, 4)[0], compute_loss)
+        assert calls == [2, 2, 1, 1, 1, 1] and acc.oom_retries == 1
+        # 4 micro-batches counted, not 5: one more acc.backward ends the block.
+        acc.backward(mse(model, make_batches(1, 4, seed=3)[0]))
+        assert acc.sync_gradients
+        optimizer.step()
+
+
+def test_an_old_state_dict_with_a_finished_window_restores_its_loss():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    with acc:
+        for batch in make_batches(3, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+        state = acc.state_dict()
+        loss_at_save = acc.loss
+    for key in ("state", "length", "weighted"):
+        del state["last_window"][key]
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    other.load_state_dict(state)
+    assert other.loss == loss_at_save
+
+
+def test_discard_clears_parameters_the_optimizer_holds_outside_the_model():
+    model = make_model()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    x, y = make_batches(1, 4)[0]
+    with Accumulator(model, optimizer, 2) as acc:
+        acc.backward(mse(model, (x, y)) + extra.sum())
+        acc.discard()
+        assert extra.grad is None
