@@ -3,8 +3,9 @@
 mutmut (configured in setup.cfg, [mutmut]) copies the package to ``mutants/``, makes every
 mutant it can (flipped comparisons, changed numbers, dropped arguments, ...), records in one
 run of the suite which tests call which function, and runs each mutant against those tests
-only. Slow (tens of minutes on 2 cores), so not in CI: run it before a release and record the
-score in docs/testing.md. See docs/testing.md for what the numbers mean.
+only. Slow (more than an hour on 2 busy cores; it can be stopped and run again, and goes on
+where it stopped), so not in CI: run it before a release and record the score in
+docs/testing.md. See docs/testing.md for what the numbers mean.
 
     pip install -e ".[dev,mutation]"
     python benchmarks/mutation.py                        # everything, 2 workers, nice 19
@@ -16,9 +17,9 @@ score in docs/testing.md. See docs/testing.md for what the numbers mean.
 ``--recheck FILES`` runs each survivor against the tests in FILES that call its function
 (found the way mutmut finds them), in one process; a kill found so is recorded in
 ``mutants/recheck.json`` and counted. The score counts a mutant as killed when a test failed
-(or timed out) on it, and divides by
-all mutants except those listed as equivalent in benchmarks/mutation_equivalent.txt (one
-``mutant_name  reason`` a line): survivors and mutants no test reaches count against it.
+(or timed out) on it, and divides by all mutants that ran except those listed as equivalent
+in benchmarks/mutation_equivalent.txt (one ``mutant_name reason`` a line): survivors and
+mutants no test reaches count against it.
 """
 
 from __future__ import annotations

@@ -821,3 +821,13 @@ def test_discard_clears_parameters_the_optimizer_holds_outside_the_model():
         acc.backward(mse(model, (x, y)) + extra.sum())
         acc.discard()
         assert extra.grad is None
+
+
+def test_step_batch_returns_the_batch_mean_loss():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = make_batches(1, 6)[0]
+    with Accumulator(model, optimizer, micro_batch_size=4) as acc:
+        loss = acc.step_batch(batch, lambda micro: mse(model, micro))
+    assert loss == acc.loss
+    assert loss == pytest.approx(mse(model, batch).item(), rel=1e-12)
