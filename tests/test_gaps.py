@@ -831,3 +831,42 @@ def test_step_batch_returns_the_batch_mean_loss():
         loss = acc.step_batch(batch, lambda micro: mse(model, micro))
     assert loss == acc.loss
     assert loss == pytest.approx(mse(model, batch).item(), rel=1e-12)
+
+
+def test_step_batch_outside_the_block_names_itself():
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
+    with pytest.raises(RuntimeError, match=r"^acc.step_batch\(\) was called outside the `with"):
+        acc.step_batch(make_batches(1, 4)[0], lambda micro: mse(model, micro))
+
+
+def test_step_batch_splits_named_tuples():
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["x", "y"])
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    def compute_loss(micro):
+        seen.append((type(micro), len(micro.x), len(micro.y)))
+        return mse(model, micro)
+
+    with Accumulator(model, optimizer, micro_batch_size=4) as acc:
+        acc.step_batch(Batch(*make_batches(1, 10)[0]), compute_loss)
+    assert seen == [(Batch, 4, 4), (Batch, 4, 4), (Batch, 2, 2)]
+
+
+def test_batches_whose_tensors_disagree_are_refused_naming_the_sizes():
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
+    x, y = make_batches(1, 4)[0]
+    with acc:
+        with pytest.raises(
+            ValueError, match=r"\(sizes of dimension 0: \[3, 4\]\); every tensor must have"
+        ):
+            acc.step_batch((x, y[:3]), lambda micro: mse(model, micro))
+        with pytest.raises(
+            ValueError, match=r"\(sizes of dimension 0: \[4\], and a 0-d tensor\); every tensor"
+        ):
+            acc.step_batch((x, y, torch.tensor(1.0)), lambda micro: mse(model, micro[:2]))
