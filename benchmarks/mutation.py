@@ -1,0 +1,255 @@
+"""Mutation testing of torch_accum with mutmut: run it, then print the score per module.
+
+mutmut (configured in setup.cfg, [mutmut]) copies the package to ``mutants/``, makes every
+mutant it can (flipped comparisons, changed numbers, dropped arguments, ...), records in one
+run of the suite which tests call which function, and runs each mutant against those tests
+only. Slow (more than an hour on 2 busy cores; it can be stopped and run again, and goes on
+where it stopped), so not in CI: run it before a release and record the score in
+docs/testing.md. See docs/testing.md for what the numbers mean.
+
+    pip install -e ".[dev,mutation]"
+    python benchmarks/mutation.py                        # everything, 2 workers, nice 19
+    python benchmarks/mutation.py torch_accum.progress   # one module (or several)
+    python benchmarks/mutation.py --report               # only print the last results
+    python benchmarks/mutation.py --rerun-survivors      # after adding tests: run them again
+    python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
+
+``--recheck FILES`` runs each survivor against the tests in FILES that call its function
+(found the way mutmut finds them), in one process; a kill found so is recorded in
+``mutants/recheck.json`` and counted. The score counts a mutant as killed when a test failed
+(or timed out) on it, and divides by all mutants that ran except those listed as equivalent
+in benchmarks/mutation_equivalent.txt (one ``mutant_name reason`` a line): survivors and
+mutants no test reaches count against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
+# mutmut's exit codes (mutmut/stats.py): 1 and 3 a failing test, 36 and the SIGXCPU codes
+# a timeout, 37 caught by the type checker; 0 survived; 5 and 33 no test calls the function.
+KILLED = {1, 3, 36, 37, -24, 24, 152, 255}
+RECHECK = ROOT / "mutants" / "recheck.json"
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """``mutant name -> reason`` from mutation_equivalent.txt (``#`` starts a comment line)."""
+    found: dict[str, str] = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, reason = line.strip().partition(" ")
+            found[name] = reason.strip()
+    return found
+
+
+def results() -> dict[str, int | None]:
+    """Every mutant's exit code (None: not run yet), from mutmut's ``mutants/**/*.meta``."""
+    codes: dict[str, int | None] = {}
+    for meta in sorted((ROOT / "mutants" / "torch_accum").glob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    for name, (code, _) in rechecked().items():  # kills found by --recheck
+        if code == 1 and codes.get(name) in SURVIVED | NO_TESTS:
+            codes[name] = 1
+    return codes
+
+
+def rechecked() -> dict[str, tuple[int, str]]:
+    """``mutant -> (pytest exit code, the test that failed)`` from ``--recheck`` runs."""
+    if not RECHECK.exists():
+        return {}
+    found = json.loads(RECHECK.read_text())
+    return {name: (v, "") if isinstance(v, int) else tuple(v) for name, v in found.items()}
+
+
+def recheck(files: list[str]) -> None:
+    """Run every survivor against the tests in ``files`` that reach its function."""
+    names = [name for name, code in results().items() if code in SURVIVED]
+    for file in files:  # mutants/ holds a copy of tests/ from the start of the run
+        shutil.copy(ROOT / file, ROOT / "mutants" / file)
+    command = [sys.executable, __file__, "--recheck-worker", json.dumps(names), *files]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "mutants")}
+    subprocess.run(["nice", "-n", "19", *command], cwd=ROOT / "mutants", env=env, check=True)
+
+
+def recheck_worker(names: list[str], files: list[str]) -> None:
+    """In mutants/: find the tests that call each function, then run each mutant on them."""
+    import signal
+    from collections import defaultdict
+
+    import pytest
+    from mutmut.state import state
+
+    covering: dict[str, list[str]] = defaultdict(list)
+
+    failed: list[str] = []
+
+    class FirstFailure:
+        def pytest_runtest_logreport(self, report: Any) -> None:
+            if report.failed:
+                failed.append(report.nodeid)
+
+    class Coverage:
+        def pytest_runtest_teardown(self, item: Any, nextitem: Any) -> None:
+            for function in state()._stats:
+                covering[function].append(item.nodeid)
+            state()._stats.clear()
+
+    quiet = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--no-header", "-rN"]
+    os.environ["MUTANT_UNDER_TEST"] = "stats"
+    pytest.main([*quiet, *files], plugins=[Coverage()])
+
+    def too_slow(*_: Any) -> None:
+        raise TimeoutError("mutant ran too long")
+
+    signal.signal(signal.SIGALRM, too_slow)
+    found = {name: list(value) for name, value in rechecked().items()}
+    for name in names:
+        tests = covering.get(name.partition("__mutmut_")[0], [])
+        if not tests:
+            continue
+        os.environ["MUTANT_UNDER_TEST"] = name
+        failed.clear()
+        signal.alarm(120)
+        code = int(pytest.main(["-x", *quiet, *tests], plugins=[FirstFailure()]))
+        signal.alarm(0)
+        found[name] = [code, failed[0] if failed else ""]
+        print(f"{'killed' if code else 'survived'}: {name} {found[name][1]}", flush=True)
+        RECHECK.write_text(json.dumps(found, indent=1))
+
+
+def module_of(mutant: str) -> str:
+    # torch_accum.progress.xǁProgressBarǁclose__mutmut_1 -> torch_accum.progress
+    return mutant.split(".x")[0] if ".x" in mutant else mutant.rsplit(".", 1)[0]
+
+
+def report(selected: list[str]) -> int:
+    """Print the table and the unexplained survivors; 0 if the score is at least 95%."""
+    equivalent = equivalent_mutants()
+    known = results()
+    for name in sorted(set(equivalent) - set(known)):
+        print(f"mutation_equivalent.txt names an unknown mutant: {name}")
+    codes = {
+        name: code
+        for name, code in known.items()
+        if not selected or any(module_of(name) == s for s in selected)
+    }
+    rows: dict[str, Counter[str]] = {}
+    unexplained: list[str] = []
+    for name, code in codes.items():
+        row = rows.setdefault(module_of(name), Counter())
+        row["mutants"] += 1
+        if code in KILLED:
+            row["killed"] += 1
+            if name in equivalent:  # a test tells it apart: it is not equivalent
+                print(f"listed as equivalent but killed: {name}")
+        elif name in equivalent:
+            row["equivalent"] += 1
+        elif code is None:
+            row["not run"] += 1
+        else:
+            row["no tests" if code in NO_TESTS else "survived"] += 1
+            unexplained.append(f"{name}  ({'no tests' if code in NO_TESTS else code})")
+    columns = ["mutants", "killed", "equivalent", "survived", "no tests", "not run"]
+    print(f"{'module':32}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>9}")
+    total: Counter[str] = Counter()
+    for module, row in sorted(rows.items()):
+        total.update(row)
+        print(f"{module:32}" + "".join(f"{row[c]:>11}" for c in columns) + score(row))
+    print(f"{'all':32}" + "".join(f"{total[c]:>11}" for c in columns) + score(total))
+    if unexplained:
+        print(f"\n{len(unexplained)} mutants neither killed nor listed as equivalent:")
+        print("\n".join(f"  {line}" for line in sorted(unexplained)))
+        print("see one with: mutmut show <name>")
+    run = total["mutants"] - total["equivalent"] - total["not run"]
+    return 0 if run and total["killed"] >= 0.95 * run else 1
+
+
+def markdown() -> None:
+    """The tables of docs/testing.md: score per module, and what became of each survivor."""
+    equivalent = equivalent_mutants()
+    rows: dict[str, Counter[str]] = {}
+    for name, code in results().items():
+        row = rows.setdefault(module_of(name), Counter())
+        row["mutants"] += 1
+        status = (
+            "killed"
+            if code in KILLED
+            else "equivalent"
+            if name in equivalent
+            else "not run"
+            if code is None
+            else "no tests"
+            if code in NO_TESTS
+            else "survived"
+        )
+        row[status] += 1
+    columns = ["mutants", "killed", "equivalent", "survived", "no tests", "not run"]
+    print("| module | " + " | ".join(columns) + " | score |")
+    print("| --- " * (len(columns) + 2) + "|")
+    total: Counter[str] = Counter()
+    for module, row in [*sorted(rows.items()), ("all", total)]:
+        if module != "all":
+            total.update(row)
+        counts = " | ".join(str(row[c]) for c in columns)
+        print(f"| {module} | {counts} | {score(row).strip()} |")
+    print("\n| mutant | killed by |\n| --- | --- |")
+    for name, (code, test) in sorted(rechecked().items()):
+        if code == 1:
+            print(f"| `{name}` | `{test}` |")
+    print("\n| mutant | equivalent because |\n| --- | --- |")
+    for name, reason in equivalent.items():
+        print(f"| `{name}` | {reason} |")
+
+
+def score(row: Counter[str]) -> str:
+    run = row["mutants"] - row["equivalent"] - row["not run"]
+    return f"{100 * row['killed'] / run:8.1f}%" if run else f"{'-':>9}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="e.g. torch_accum.progress (default: all)")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutants")
+    parser.add_argument("--report", action="store_true", help="print the last results only")
+    parser.add_argument(
+        "--rerun-survivors", action="store_true", help="run the surviving mutants again"
+    )
+    parser.add_argument("--recheck", nargs="+", metavar="FILE", help="test files, see above")
+    parser.add_argument("--markdown", action="store_true", help="the tables for the docs")
+    parser.add_argument("--recheck-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.recheck_worker:
+        recheck_worker(json.loads(args.recheck_worker), args.modules)
+        return 0
+    if args.markdown:
+        markdown()
+        return 0
+    if args.recheck:
+        recheck(args.recheck)
+    elif not args.report:
+        mutmut = Path(sys.executable).with_name("mutmut")
+        patterns = [f"{m}.*" for m in args.modules]
+        if args.rerun_survivors:
+            # mutmut keeps every verdict; named mutants run again, new tests included.
+            patterns = [name for name, code in results().items() if code in SURVIVED]
+        # nice: the run takes every core it is given; the machine stays usable meanwhile.
+        command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(args.max_children)]
+        env = {**os.environ, "PYTHONPATH": ""}  # import torch_accum from mutants/ only
+        subprocess.run([*command, *patterns], cwd=ROOT, env=env, check=False)
+    return report(args.modules)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

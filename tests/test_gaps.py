@@ -1,0 +1,872 @@
+"""Behaviours that mutation testing (benchmarks/mutation.py) found no test pinned.
+
+Grouped by module; docs/testing.md lists the surviving mutants each test kills.
+"""
+
+import sys
+from typing import ClassVar
+
+import pytest
+import torch
+from helpers import make_batches, make_model, mse
+from torch import nn
+
+from torch_accum import Accumulator, measure_activation_memory
+
+
+# ----------------------------------------------------------------------------- progress.py
+class RecordingBar:
+    """Stands in for tqdm: records how the bar was made and every postfix and update."""
+
+    made: ClassVar[list["RecordingBar"]] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.postfixes = []
+        self.updates = 0
+        self.closed = False
+        RecordingBar.made.append(self)
+
+    def set_postfix(self, postfix, refresh=True):
+        self.postfixes.append((dict(postfix), refresh))
+
+    def update(self, n):
+        self.updates += n
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def recording_bar(monkeypatch):
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    RecordingBar.made = []
+    monkeypatch.setattr(tqdm_auto, "tqdm", RecordingBar)
+    return RecordingBar.made
+
+
+def train_with_bar(k=2, micro_batches=4, lr=0.05, **kwargs):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    acc = Accumulator(model, optimizer, k, progress=True, **kwargs)
+    with acc:
+        for batch in make_batches(micro_batches, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    return acc
+
+
+def test_progress_bar_in_a_log_file_redraws_rarely_at_a_fixed_width(recording_bar):
+    assert not sys.stderr.isatty()
+    train_with_bar(total_micro_batches=4)
+    (bar,) = recording_bar
+    assert bar.kwargs == {
+        "total": 2,
+        "desc": "optimizer steps",
+        "unit": "step",
+        "dynamic_ncols": False,
+        "mininterval": 10.0,
+    }
+    assert bar.updates == 2 and bar.closed
+
+
+def test_progress_bar_on_a_terminal_follows_its_width_and_redraws_often(recording_bar, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train_with_bar()
+    (bar,) = recording_bar
+    assert bar.kwargs["total"] is None  # the block's length is not known
+    assert bar.kwargs["dynamic_ncols"] is True
+    assert bar.kwargs["mininterval"] == 0.1
+
+
+def test_progress_bar_postfix_shows_micro_batch_loss_lr_and_skips(recording_bar):
+    acc = train_with_bar(k=2, micro_batches=4, lr=0.05)
+    (bar,) = recording_bar
+    postfixes = [postfix for postfix, _ in bar.postfixes]
+    assert all(refresh is False for _, refresh in bar.postfixes)  # tqdm redraws on its clock
+    assert postfixes[0] == {"micro": "1/2"}
+    assert postfixes[1] == {"micro": "2/2"}
+    assert postfixes[2] == {"micro": "2/2", "loss": postfixes[2]["loss"], "lr": "0.05"}
+    assert postfixes[-1]["loss"] == f"{acc.loss:.4g}"
+    assert "skipped" not in postfixes[-1]
+    assert len(postfixes) == 6  # 4 micro-batches + 2 steps
+
+
+def test_progress_bar_counts_skipped_steps(recording_bar):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = Accumulator(model, optimizer, 1, progress=True)
+    with acc, pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        x, y = make_batches(1, 4)[0]
+        acc.backward(mse(model, (x * float("nan"), y)))
+        optimizer.step()
+    (bar,) = recording_bar
+    postfix, _ = bar.postfixes[-1]
+    assert postfix["skipped"] == "1"
+    assert postfix["loss"] == "nan"
+
+
+# ----------------------------------------------------------------------------- error texts
+class Reprs:
+    """An object whose repr is exactly the text given."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("x" * 60, "got " + "x" * 60 + " (Reprs)"),  # up to 60 characters the repr is shown
+        ("x" * 61, "an object of type Reprs"),  # a longer one is summarised
+        ("a\nb", "an object of type Reprs"),  # as is a short one on several lines
+    ],
+)
+def test_error_messages_show_short_one_line_reprs_only(text, shown):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    value = Reprs(text)
+    with pytest.raises(TypeError) as accumulator_error:
+        Accumulator(model, optimizer, value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as memory_error:
+        measure_activation_memory(value)
+    for error in (accumulator_error, memory_error):
+        assert shown in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- _boundary.py
+class Wide(nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.unused = nn.Linear(2, 2)  # no gradient at all, listed first
+        self.ok = nn.Linear(2, 2)  # finite gradient
+        self.layers = nn.ModuleList(nn.Linear(2, 2, bias=False) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
+        out = self.ok(x).sum()
+        for layer in self.layers:
+            out = out + (layer(x) * poison).sum()
+        return out
+
+
+@pytest.mark.parametrize(
+    ("layers", "listed"),
+    [
+        (
+            5,
+            "5 parameter(s): layers.0.weight, layers.1.weight, layers.2.weight, "
+            "layers.3.weight, layers.4.weight; the update",
+        ),
+        (
+            6,
+            "6 parameter(s): layers.0.weight, layers.1.weight, layers.2.weight, "
+            "layers.3.weight, layers.4.weight ...; the update",
+        ),
+    ],
+)
+def test_non_finite_error_names_the_first_five_parameters(layers, listed):
+    model = Wide(layers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 1, on_nonfinite="raise")
+    with acc, pytest.raises(RuntimeError) as error:
+        acc.backward(model(torch.ones(1, 2), torch.tensor(float("inf"))))
+        optimizer.step()
+    assert f"non-finite gradient in {listed}" in str(error.value)
+
+
+def test_non_finite_warning_shows_the_shape_of_a_parameter_outside_the_model():
+    model = make_model()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    acc = Accumulator(model, optimizer, 1)
+    with acc, pytest.warns(RuntimeWarning) as warned:
+        x, y = make_batches(1, 4)[0]
+        acc.backward(mse(model, (x, y)) + (extra * float("inf")).sum())
+        optimizer.step()
+    assert str(warned[0].message) == (
+        "non-finite gradient in 1 parameter(s): <parameter of shape (3,)>: optimizer step 1 skipped"
+    )
+
+
+# ----------------------------------------------------------------------------- resumable state
+def pending_state(k=3, micro_batches=1, weight=None, dtype=torch.float64):
+    model = make_model(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, k)
+    with acc:
+        for batch in make_batches(micro_batches, 4, dtype):
+            acc.backward(mse(model, batch), weight=weight)
+            if acc.sync_gradients:
+                break
+        state = acc.state_dict()
+    return model, acc, state
+
+
+def test_a_state_dict_from_before_explicit_window_states_still_loads():
+    # Older checkpoints saved no window "state", "length" or "weighted"; a complete window
+    # was marked by window_ready alone. Such a window must still be applied on resume.
+    _, _, state = pending_state(k=2, micro_batches=2)
+    assert state["window_ready"] and state["window"]["state"] == "complete"
+    for key in ("state", "length", "weighted"):
+        del state["window"][key]
+        if state["last_window"] is not None:
+            del state["last_window"][key]
+    expected = make_model()
+    expected_optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
+    for p, saved in zip(expected.parameters(), state["gradients"]):
+        p.grad = saved.clone()
+    expected_optimizer.step()
+
+    resumed_model = make_model()
+    optimizer = torch.optim.SGD(resumed_model.parameters(), lr=0.1)
+    acc = Accumulator(resumed_model, optimizer, 2)
+    acc.load_state_dict(state)
+    assert acc.window_state.value == "complete" and acc.micro_step == 2
+    with acc:
+        optimizer.step()  # the loop's step after the backward that completed the window
+    assert acc.optimizer_steps == 1
+    for got, want in zip(resumed_model.parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_old_pending_window_resumes_with_the_saved_length():
+    _, _, state = pending_state(k=3, micro_batches=1)
+    for key in ("state", "length", "weighted"):
+        del state["window"][key]
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    acc.load_state_dict(state)
+    assert acc.window_state.value == "accumulating"
+    assert acc.state_dict()["window"]["weighted"] is False  # unweighted unless saved so
+    ends = []
+    with acc:
+        for batch in make_batches(2, 4, seed=7):
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, True]  # two more micro-batches complete the window of 3
+    assert acc.optimizer_steps == 1
+
+
+def test_load_state_dict_restores_the_skipped_steps():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 1)
+    with acc, pytest.warns(RuntimeWarning):
+        x, y = make_batches(1, 4)[0]
+        acc.backward(mse(model, (x * float("nan"), y)))
+        optimizer.step()
+    state = acc.state_dict()
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 1)
+    other.load_state_dict(state)
+    assert (other.skipped_steps, other.optimizer_steps) == (1, 0)
+
+
+def test_load_state_dict_rejects_a_gradient_of_the_wrong_shape():
+    _, _, state = pending_state()
+    state["gradients"][0] = torch.zeros(2, 2, dtype=torch.float64)
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    with pytest.raises(
+        ValueError,
+        match=r"state_dict\['gradients'\]\[0\] has shape \(2, 2\) but the parameter has shape \(16, 6\)",
+    ):
+        acc.load_state_dict(state)
+
+
+def test_loaded_gradients_take_the_parameters_dtype_and_are_copies():
+    _, _, state = pending_state(dtype=torch.float32)
+    model = make_model(torch.float64)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    acc.load_state_dict(state)
+    for param, saved in zip(model.parameters(), state["gradients"]):
+        assert param.grad.dtype == torch.float64 and param.grad.device == param.device
+        torch.testing.assert_close(param.grad, saved.double(), rtol=0, atol=0)
+    # Accumulating further must not write into the checkpoint's tensors.
+    saved_copy = [g.clone() for g in state["gradients"]]
+    same = make_model(torch.float32)
+    acc32 = Accumulator(same, torch.optim.SGD(same.parameters(), lr=0.1), 3)
+    acc32.load_state_dict(state)
+    with acc32:
+        acc32.backward(mse(same, make_batches(1, 4, torch.float32, seed=9)[0]))
+    for saved, before in zip(state["gradients"], saved_copy):
+        assert torch.equal(saved, before)
+
+
+# ----------------------------------------------------------------------------- _validation.py
+def test_shared_parameters_are_counted_across_all_optimizers():
+    a, b, c = (nn.Parameter(torch.ones(1)) for _ in range(3))
+    first = torch.optim.SGD([a, b], lr=0.1)
+    second = torch.optim.SGD([a], lr=0.1)
+    third = torch.optim.SGD([b, c], lr=0.1)
+    model = nn.Module()
+    with pytest.raises(
+        ValueError, match=r"optimizer: 2 parameter\(s\) belong to more than one of the optimizers"
+    ):
+        Accumulator(model, [first, second, third])
+
+
+# ----------------------------------------------------------------------------- iterate()
+def test_iterate_refuses_to_go_on_after_the_block_has_ended():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    batches = make_batches(2, 4)
+    with acc:
+        items = acc.iterate(batches)
+        acc.backward(mse(model, next(items)))
+        acc.discard()
+    with pytest.raises(RuntimeError, match=r"acc.iterate\(\) was called outside the `with acc:`"):
+        next(items)
+
+
+def test_a_complete_window_resumed_with_non_finite_gradients_is_skipped():
+    _, _, state = pending_state(k=2, micro_batches=2)
+    state["gradients"][0][0, 0] = float("nan")
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    acc = Accumulator(model, optimizer, 2)
+    acc.load_state_dict(state)
+    with acc, pytest.warns(RuntimeWarning, match="non-finite gradient in 1 parameter"):
+        optimizer.step()
+    assert (acc.optimizer_steps, acc.skipped_steps) == (0, 1)
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)
+
+
+def test_load_state_dict_restores_the_last_window_loss():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    with acc:
+        for batch in make_batches(3, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+        state = acc.state_dict()  # one pending micro-batch, one finished window
+        loss_at_save = acc.loss
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    assert other.loss is None
+    other.load_state_dict(state)
+    assert isinstance(other.loss, float)
+    assert other.loss == loss_at_save
+
+
+def test_state_dict_of_a_pending_window_keeps_parameters_without_gradient():
+    model = nn.ModuleDict({"used": nn.Linear(6, 3), "unused": nn.Linear(6, 3)}).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    x, y = make_batches(1, 4)[0]
+    with acc:
+        acc.backward(nn.functional.mse_loss(model["used"](x), y))
+        state = acc.state_dict()
+    assert [g is None for g in state["gradients"]] == [False, False, True, True]
+    other_model = nn.ModuleDict({"used": nn.Linear(6, 3), "unused": nn.Linear(6, 3)}).double()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    other.load_state_dict(state)
+    assert other_model["unused"].weight.grad is None
+    torch.testing.assert_close(
+        other_model["used"].weight.grad, state["gradients"][0], rtol=0, atol=0
+    )
+
+
+# ----------------------------------------------------------------------------- _patching.py
+def test_scheduler_state_dict_inside_the_block_keeps_its_own_instance_attributes():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    # An instance attribute of the scheduler's own (set by the user or another wrapper) that
+    # the Accumulator shadows while the block runs: checkpoints must hold the original.
+    own_step = scheduler.step
+    scheduler.step = own_step
+    outside = scheduler.state_dict()
+    with Accumulator(model, optimizer, 2, scheduler=scheduler):
+        inside = scheduler.state_dict()
+    assert inside.keys() == outside.keys()
+    assert inside["step"] is own_step
+
+
+# ----------------------------------------------------------------------------- _boundary.py
+def test_with_a_scaler_an_error_after_the_first_optimizer_stepped_uses_the_window_up():
+    class FailsOnce(torch.optim.SGD):
+        failed = False
+
+        def step(self, closure=None):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("second optimizer failed")
+            return super().step(closure)
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = FailsOnce(model[1].parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    acc = Accumulator(model, [first, second], 1, scaler=scaler)
+    x, y = make_batches(1, 4, torch.float32)[0]
+    with acc:
+        acc.backward(nn.functional.mse_loss(model(x), y))
+        first_before = [p.detach().clone() for p in model[0].parameters()]
+        with pytest.raises(RuntimeError, match="second optimizer failed"):
+            scaler.step(first)
+        # The first optimizer stepped: a retry must not step it again.
+        assert acc.window_state.value == "applied"
+        stepped = [p.detach().clone() for p in model[0].parameters()]
+        assert not torch.equal(stepped[0], first_before[0])
+        scaler.step(first)
+        for got, want in zip(model[0].parameters(), stepped):
+            assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- _interception.py
+def test_scaler_step_passes_arguments_through():
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None, tag=None):
+            calls.append((closure, tag))
+            return super().step()
+
+    calls = []
+    model = nn.Linear(6, 3)
+    extra = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    unmanaged = Recording([extra], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    x, y = make_batches(1, 4, torch.float32)[0]
+    with Accumulator(model, optimizer, 2, scaler=scaler) as acc:
+        acc.backward(nn.functional.mse_loss(model(x), y))
+        # An optimizer the Accumulator does not manage steps as usual, with its arguments.
+        extra.grad = torch.ones(2)
+        scaler.step(unmanaged, "positional", tag="keyword")
+        assert calls == [("positional", "keyword")]
+        # The managed optimizer gets them too, and refuses a closure as optimizer.step does.
+        with pytest.raises(TypeError, match=r"optimizer.step\(closure\) is not supported"):
+            scaler.step(optimizer, lambda: None)
+        with pytest.raises(TypeError, match=r"optimizer.step\(closure\) is not supported"):
+            scaler.step(optimizer, closure=lambda: None)
+
+
+def test_a_scheduler_whose_state_dict_leaves_out_attributes_saves_inside_the_block():
+    class Scheduler(torch.optim.lr_scheduler.StepLR):
+        def state_dict(self):
+            return {"last_epoch": self.last_epoch}
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = Scheduler(optimizer, step_size=1)
+    with Accumulator(model, optimizer, 2, scheduler=scheduler):
+        assert scheduler.state_dict() == {"last_epoch": 0}
+
+
+def test_calls_made_during_the_boundary_update_pass_through_with_their_arguments():
+    class Recording(torch.optim.lr_scheduler.StepLR):
+        def step(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            super().step()
+
+    calls = []
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = Recording(optimizer, step_size=1)
+    calls.clear()  # the constructor's own step
+    # An optimizer hook runs inside the update, where patched calls must go straight through.
+    optimizer.register_step_post_hook(lambda *_: scheduler.step("hook", key="value"))
+    with Accumulator(model, optimizer, 1, scheduler=scheduler) as acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        optimizer.step()
+    assert calls == [(("hook",), {"key": "value"}), ((), {})]
+
+
+# ----------------------------------------------------------------------------- _driver.py
+@pytest.mark.parametrize("clear", ["optimizer", "model"])
+def test_zero_grad_before_the_first_backward_clears_gradients_left_from_before(clear):
+    batches = make_batches(2, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mse(model, batches[0]).backward()  # e.g. a sanity check run before training
+    with Accumulator(model, optimizer, 2) as acc:
+        for batch in batches:
+            (optimizer if clear == "optimizer" else model).zero_grad()
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    full = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    mse(reference, full).backward()
+    ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- microbatch.py
+def test_memory_budget_sizing_starts_from_a_four_sample_probe():
+    # The 4-sample probe's peak per sample gives the first guess; a bisection on measured
+    # peaks then settles on the largest size within the budget.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 1))
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+
+    def peak(size):
+        return measure_activation_memory(
+            lambda: nn.functional.mse_loss(model(x[:size]), y[:size]),
+            parameters=model.parameters(),
+        ).peak
+
+    budget = peak(20)
+    largest = max(s for s in range(1, 65) if peak(s) <= budget)
+    sizes = []
+
+    def compute_loss(micro):
+        sizes.append(len(micro[0]))
+        return nn.functional.mse_loss(model(micro[0]), micro[1])
+
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        micro_batch_size="auto",
+        memory_budget=budget,
+    )
+    with acc:
+        acc.step_batch((x, y), compute_loss)
+    assert acc.micro_batch_size == largest
+    first_guess = int(budget // (peak(4) / 4))
+    assert sizes[:2] == [4, first_guess]
+    probes = sizes[: -len(range(0, 64, largest))]
+    assert sizes[len(probes) :] == [largest] * (64 // largest) + [64 % largest] * bool(64 % largest)
+    assert len(probes) <= 8
+
+
+def test_state_dict_survives_a_round_trip_unchanged():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    batches = make_batches(4, 4)
+    with acc:
+        for batch, weight in zip(batches, [1.0, 2.0, 3.0, 4.0]):
+            acc.backward(mse(model, batch), weight=weight)
+            optimizer.step()
+        # K changes between windows: the pending window keeps its own length of 3.
+        acc.accumulation_steps = 2
+        state = acc.state_dict()
+    assert state["window"]["length"] == 3 and state["accumulation_steps"] == 2
+    assert state["window"]["weighted"] is True and state["last_window"]["weighted"] is True
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    other.load_state_dict(state)
+    again = other.state_dict()
+    assert again.keys() == state.keys()
+    for key in ("accumulation_steps", "optimizer_steps", "skipped_steps", "window_ready"):
+        assert again[key] == state[key], key
+    for part in ("window", "last_window"):
+        for key, value in state[part].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(again[part][key], value), (part, key)
+            else:
+                assert again[part][key] == value, (part, key)
+    # The resumed window still needs two more micro-batches to reach its length of 3.
+    ends = []
+    with other:
+        for batch in make_batches(2, 4, seed=3):
+            other.backward(mse(other_model, batch))
+            ends.append(other.sync_gradients)
+            other_model.zero_grad()
+    assert ends == [False, True]
+
+
+def test_loading_a_state_dict_into_a_running_window_continues_from_it():
+    # Rolling back to a checkpoint mid-window: the loaded gradients replace the pending
+    # ones, and the next acc.backward must not mistake them for a foreign write.
+    batches = make_batches(4, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 3) as acc:
+        acc.backward(mse(model, batches[0]))
+        state = acc.state_dict()
+        acc.backward(mse(model, batches[1]))
+        acc.load_state_dict(state)  # back to one micro-batch pending
+        for batch in batches[2:]:
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    assert acc.optimizer_steps == 1
+    kept = [batches[0], *batches[2:]]
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    mse(reference, (torch.cat([x for x, _ in kept]), torch.cat([y for _, y in kept]))).backward()
+    ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_loaded_gradients_move_to_the_parameters_device():
+    # A checkpoint saved on one device and loaded on another (here: onto the meta device).
+    _, _, state = pending_state()
+    model = make_model().to("meta")
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    acc.load_state_dict(state)
+    for param in model.parameters():
+        assert param.grad.device.type == "meta"
+
+
+def test_a_memory_budget_below_one_sample_falls_back_to_micro_batches_of_one():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto", memory_budget=1)
+    with acc:
+        acc.step_batch(make_batches(1, 6)[0], lambda micro: mse(model, micro))
+    assert acc.micro_batch_size == 1
+    assert acc.optimizer_steps == 1
+
+
+# ----------------------------------------------------------------------------- discarding
+def test_discard_keeps_the_micro_batches_counted_towards_total_micro_batches():
+    # acc.discard() drops the window, not the block's progress: the third acc.backward of a
+    # block declared with 3 micro-batches still ends it.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(3, 4)
+    with Accumulator(model, optimizer, 3, total_micro_batches=3) as acc:
+        acc.backward(mse(model, batches[0]))
+        assert acc.discard() == 1
+        ends = []
+        for batch in batches[1:]:
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, True]
+    assert acc.optimizer_steps == 1
+
+
+def test_a_failed_step_batch_leaves_the_blocks_count_as_it_was():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(3, 4)
+    calls = []
+
+    def failing(micro):
+        calls.append(len(micro[0]))
+        if len(calls) == 2:
+            raise ValueError("bad sample")
+        return mse(model, micro)
+
+    acc = Accumulator(model, optimizer, 2, micro_batch_size=2, total_micro_batches=2)
+    with acc:
+        with pytest.raises(ValueError, match="bad sample"):
+            acc.step_batch(batches[0], failing)
+        ends = []
+        for batch in batches[1:]:
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, True]
+
+
+def test_discard_frees_the_dropped_gradients_at_once():
+    import gc
+    import weakref
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 3) as acc:
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        acc.discard()
+        gc.collect()
+        assert all(ref() is None for ref in grads)
+
+
+def test_probe_up_after_does_not_probe_at_the_cap(caplog):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(
+        model, optimizer, micro_batch_size="auto", max_micro_batch_size=4, probe_up_after=1
+    )
+    with caplog.at_level("INFO", logger="torch_accum"), acc:
+        for batch in make_batches(3, 8):
+            acc.step_batch(batch, lambda micro: mse(model, micro))
+    assert acc.micro_batch_size == 4
+    assert "probing" not in caplog.text
+
+
+def test_window_loss_weights_are_exact_in_float64():
+    # Relative weights such as 0.1 are not float32 numbers: the mean must not round them.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = make_batches(3, 4)
+    weights = [1.0, 0.1, 0.7]
+    losses = [mse(model, b).item() for b in batches]
+    with Accumulator(model, optimizer, 3) as acc:
+        for batch, weight in zip(batches, weights):
+            acc.backward(mse(model, batch), weight=weight)
+            optimizer.step()
+    expected = sum(w * loss for w, loss in zip(weights, losses)) / sum(weights)
+    assert acc.loss == pytest.approx(expected, rel=1e-13, abs=0)
+
+
+def test_discard_sets_every_gradient_to_none_also_outside_the_optimizer():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3)).double()
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)  # model[1] trains elsewhere
+    x, y = make_batches(1, 4)[0]
+    with Accumulator(model, optimizer, 2) as acc:
+        acc.backward(nn.functional.mse_loss(model(x), y))
+        assert all(p.grad is not None for p in model.parameters())
+        acc.discard()
+        assert [p.grad for p in model.parameters()] == [None] * 4
+
+
+def test_memory_budget_measures_only_before_the_first_batch():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def compute_loss(micro):
+        calls.append(len(micro[0]))
+        return mse(model, micro)
+
+    acc = Accumulator(
+        model, optimizer, micro_batch_size="auto", max_micro_batch_size=4, memory_budget=10**9
+    )
+    with acc:
+        acc.step_batch(make_batches(1, 8)[0], compute_loss)
+        assert len(calls) > 2  # the probes, then two micro-batches of 4
+        calls.clear()
+        acc.step_batch(make_batches(1, 8, seed=2)[0], compute_loss)
+    assert calls == [4, 4]
+
+
+def test_step_batch_weighs_micro_batches_by_the_weight_function():
+    # A loss that is a mean over tokens, with a different number of tokens per micro-batch:
+    # weighted by tokens, the update is the mean over all tokens of the batch.
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1], [1, 1, 1]])
+    mask = mask.bool()
+
+    def token_mean(model, x, y, mask):
+        return ((model(x) - y) ** 2)[mask].mean()
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, micro_batch_size=2) as acc:
+        acc.step_batch(
+            (x, y, mask),
+            lambda micro: token_mean(model, *micro),
+            weight=lambda micro: micro[2].sum(),
+        )
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    token_mean(reference, x, y, mask).backward()
+    ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_an_out_of_memory_replay_counts_the_replayed_micro_batches_once():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def compute_loss(micro):
+        calls.append(len(micro[0]))
+        if len(calls) == 2:  # the second micro-batch of the first attempt
+            raise torch.OutOfMemoryError("simulated")
+        return mse(model, micro)
+
+    acc = Accumulator(
+        model,
+        optimizer,
+        micro_batch_size="auto",
+        max_micro_batch_size=2,
+        total_micro_batches=5,
+    )
+    with acc:
+        acc.step_batch(make_batches(1, 4)[0], compute_loss)
+        assert calls == [2, 2, 1, 1, 1, 1] and acc.oom_retries == 1
+        # 4 micro-batches counted, not 5: one more acc.backward ends the block.
+        acc.backward(mse(model, make_batches(1, 4, seed=3)[0]))
+        assert acc.sync_gradients
+        optimizer.step()
+
+
+def test_an_old_state_dict_with_a_finished_window_restores_its_loss():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+    with acc:
+        for batch in make_batches(3, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+        state = acc.state_dict()
+        loss_at_save = acc.loss
+    for key in ("state", "length", "weighted"):
+        del state["last_window"][key]
+    other_model = make_model()
+    other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
+    other.load_state_dict(state)
+    assert other.loss == loss_at_save
+
+
+def test_discard_clears_parameters_the_optimizer_holds_outside_the_model():
+    model = make_model()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    x, y = make_batches(1, 4)[0]
+    with Accumulator(model, optimizer, 2) as acc:
+        acc.backward(mse(model, (x, y)) + extra.sum())
+        acc.discard()
+        assert extra.grad is None
+
+
+def test_step_batch_returns_the_batch_mean_loss():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = make_batches(1, 6)[0]
+    with Accumulator(model, optimizer, micro_batch_size=4) as acc:
+        loss = acc.step_batch(batch, lambda micro: mse(model, micro))
+    assert loss == acc.loss
+    assert loss == pytest.approx(mse(model, batch).item(), rel=1e-12)
+
+
+def test_step_batch_outside_the_block_names_itself():
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
+    with pytest.raises(RuntimeError, match=r"^acc.step_batch\(\) was called outside the `with"):
+        acc.step_batch(make_batches(1, 4)[0], lambda micro: mse(model, micro))
+
+
+def test_step_batch_splits_named_tuples():
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["x", "y"])
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    def compute_loss(micro):
+        seen.append((type(micro), len(micro.x), len(micro.y)))
+        return mse(model, micro)
+
+    with Accumulator(model, optimizer, micro_batch_size=4) as acc:
+        acc.step_batch(Batch(*make_batches(1, 10)[0]), compute_loss)
+    assert seen == [(Batch, 4, 4), (Batch, 4, 4), (Batch, 2, 2)]
+
+
+def test_batches_whose_tensors_disagree_are_refused_naming_the_sizes():
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
+    x, y = make_batches(1, 4)[0]
+    with acc:
+        with pytest.raises(
+            ValueError, match=r"\(sizes of dimension 0: \[3, 4\]\); every tensor must have"
+        ):
+            acc.step_batch((x, y[:3]), lambda micro: mse(model, micro))
+        with pytest.raises(
+            ValueError, match=r"\(sizes of dimension 0: \[4\], and a 0-d tensor\); every tensor"
+        ):
+            acc.step_batch((x, y, torch.tensor(1.0)), lambda micro: mse(model, micro[:2]))
