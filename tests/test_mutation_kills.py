@@ -130,11 +130,6 @@ def test_negative_total_micro_batches_is_rejected():
         Accumulator(model, optimizer, 2, total_micro_batches=-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 makes total_micro_batches=0 valid (a rank with no micro-batches); "
-    "remove this marker when it lands",
-)
 def test_zero_total_micro_batches_declares_an_empty_block():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
