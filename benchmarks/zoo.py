@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import logging
 import statistics
+import sys
 import time
 import warnings
 from collections import Counter
@@ -335,6 +336,7 @@ class Row:
     selective_time: float | None = None
     noise: float | None = None
     candidates: dict[str, float | None] = field(default_factory=dict)  # None: it failed
+    inexact_classes: dict[str, float] = field(default_factory=dict)  # their max grad diff
     seconds: float = 0.0
 
     @property
@@ -346,8 +348,8 @@ class Row:
 
 def _failure(where: str, error: BaseException) -> str:
     text = " ".join(str(error).split())
-    if len(text) > 420:  # long enough for the class names that checkpointing errors list
-        text = text[:417] + "..."
+    if len(text) > 600:  # long enough for the class names that checkpointing errors list
+        text = text[:597] + "..."
     return f"{where}: {type(error).__name__}: {text}"
 
 
@@ -439,7 +441,7 @@ def _quiet() -> Iterator[None]:
         logging.getLogger("transformers").setLevel(level)
 
 
-def measure(case: Case, repetitions: int = 5, max_candidates: int = 8) -> Row:
+def measure(case: Case, repetitions: int = 7, max_candidates: int = 8) -> Row:
     """All the columns of one model's row; failures are recorded in ``row.errors``."""
     started = time.perf_counter()
     row = Row(case.name, case.description)
@@ -468,7 +470,10 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
         row.selective = "n/a"  # this torch_accum has no selective mode
     except Exception as error:
         row.selective = "error"
-        row.errors.append(_failure(f"checkpointing={SELECTIVE!r}", error))
+        failure = _failure(f"checkpointing={SELECTIVE!r}", error)
+        if row.errors and row.errors[-1].split(": ", 1)[1] == failure.split(": ", 1)[1]:
+            failure = f"checkpointing={SELECTIVE!r}: the same {type(error).__name__}"
+        row.errors.append(failure)
 
     # Exactness and time: every setting once as warm-up (its gradients are compared), then
     # `repetitions` timed rounds in rotating order.
@@ -515,6 +520,10 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
     except Exception as error:
         row.errors.append(_failure("memory, off", error))
         return
+    # The tracked runs leave their gradients too: the same kernels run under the tracking
+    # mode, so they must equal the plain run's bit for bit (else `noise` says so), and
+    # every explicit class's gradients are checked against them as well.
+    row.noise = max(row.noise or 0.0, _max_diff(grads["off"], _grads(model)))
     for name in ("on", "selective"):
         if name in accs:
             try:
@@ -541,6 +550,9 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
             row.candidates[cls.__name__] = None
             continue
         row.candidates[cls.__name__] = peak / base_peak
+        diff = _max_diff(grads["off"], _grads(model))
+        if diff:
+            row.inexact_classes[cls.__name__] = diff
         if row.best_peak is None or peak / base_peak < row.best_peak:
             row.best_peak, row.best_class = peak / base_peak, cls.__name__
 
@@ -573,6 +585,8 @@ def _diff(value: float | None) -> str:
 def cells(row: Row) -> list[str]:
     within = {None: "-", True: "yes", False: "**no**"}[row.within_target]
     best = "-" if row.best_class is None else f"{row.best_class}: {_num(row.best_peak)}"
+    if row.best_class in row.inexact_classes:
+        best += f" (grad diff {_diff(row.inexact_classes[row.best_class])})"
     if row.selective in ("n/a", "error"):
         selective = row.selective
     else:
@@ -609,6 +623,19 @@ def summary(rows: list[Row]) -> str:
         f"gradients not bit-identical: {len(inexact)} ({', '.join(inexact) or 'none'})",
         f"peak more than 10% above the best class: {len(missed)} ({', '.join(missed) or 'none'})",
     ]
+    selective = [r for r in rows if r.selective != "n/a"]
+    if selective:
+        failed = [r.name for r in selective if r.selective == "error"]
+        inexact = [r.name for r in selective if r.selective_grad_diff not in (None, 0.0)]
+        lines.append(
+            f"selective mode: errors {len(failed)} ({', '.join(failed) or 'none'}), "
+            f"gradients not bit-identical {len(inexact)} ({', '.join(inexact) or 'none'})"
+        )
+    explicit = [f"{r.name} {c} {d:.1e}" for r in rows for c, d in r.inexact_classes.items()]
+    lines.append(
+        f"explicit classes with gradients not bit-identical: {len(explicit)} "
+        f"({', '.join(explicit) or 'none'})"
+    )
     noisy = [r.name for r in rows if r.noise]
     if noisy:
         lines.append(f"not deterministic without checkpointing either: {', '.join(noisy)}")
@@ -620,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated names (default: all); see --list")
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
     parser.add_argument("--smoke", action="store_true", help="a few fast models, 1 repetition")
-    parser.add_argument("--repetitions", type=int, default=5, help="timed rounds per setting")
+    parser.add_argument("--repetitions", type=int, default=7, help="timed rounds per setting")
     parser.add_argument("--max-candidates", type=int, default=8, help="classes tried per model")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument(
@@ -662,11 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         row = measure(case, args.repetitions, args.max_candidates)
         rows.append(row)
-        if not args.markdown:
-            print(f"{row.seconds:6.1f}s  " + " | ".join(cells(row)), flush=True)
+        # With --markdown the rows come as a table at the end; progress goes to stderr.
+        progress = sys.stderr if args.markdown else sys.stdout
+        print(f"{row.seconds:6.1f}s  " + " | ".join(cells(row)), file=progress, flush=True)
         if args.candidates:
             tried = ", ".join(f"{c} {_num(p)}" for c, p in row.candidates.items())
-            print(f"        candidates of {row.name}: {tried or 'none'}", flush=True)
+            print(f"        candidates: {tried or 'none'}", file=progress, flush=True)
     if args.markdown:
         print(markdown(rows))
     print(summary(rows))
