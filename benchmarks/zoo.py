@@ -322,7 +322,7 @@ BY_NAME = {case.name: case for case in CASES}
 class Row:
     name: str
     description: str
-    blocks: str = ""
+    blocks: list[tuple[int, str]] = field(default_factory=list)  # (how many, class name)
     errors: list[str] = field(default_factory=list)
     grad_diff: float | None = None
     selective_grad_diff: float | None = None
@@ -423,9 +423,9 @@ def repeated_classes(model: nn.Module, loss: Loss, limit: int) -> list[type[nn.M
     return sorted(repeated, key=lambda cls: -size[cls])[:limit]
 
 
-def _describe_blocks(model: nn.Module, names: tuple[str, ...]) -> str:
+def _block_classes(model: nn.Module, names: tuple[str, ...]) -> list[tuple[int, str]]:
     classes = Counter(type(model.get_submodule(name)).__name__ for name in names)
-    return ", ".join(f"{count} {cls}" for cls, count in classes.most_common())
+    return [(count, cls) for cls, count in classes.most_common()]
 
 
 @contextlib.contextmanager
@@ -460,7 +460,7 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
     accs: dict[str, Accumulator] = {"off": _accumulator(model, False)}
     try:
         accs["on"] = _accumulator(model, True)
-        row.blocks = _describe_blocks(model, accs["on"].checkpointed_modules)
+        row.blocks = _block_classes(model, accs["on"].checkpointed_modules)
     except Exception as error:
         row.errors.append(_failure("checkpointing=True", error))
     try:
@@ -582,9 +582,21 @@ def _diff(value: float | None) -> str:
     return "0" if value == 0 else f"{value:.1e}"
 
 
-def cells(row: Row) -> list[str]:
-    within = {None: "-", True: "yes", False: "**no**"}[row.within_target]
-    best = "-" if row.best_class is None else f"{row.best_class}: {_num(row.best_peak)}"
+# Backslash escapes for GitHub and Python-Markdown alike; the latter does not know `\<`.
+_MARKDOWN_SPECIAL = str.maketrans({"<": "&lt;", ">": "&gt;", **{c: "\\" + c for c in "\\`*_|[]"}})
+
+
+def cells(row: Row, markdown: bool = False) -> list[str]:
+    """The row's table cells; for markdown, class names as code and error text escaped."""
+
+    def name(cls: str) -> str:
+        return f"`{cls}`" if markdown else cls
+
+    def error(text: str) -> str:
+        return f"**{text.translate(_MARKDOWN_SPECIAL)}**" if markdown else text
+
+    within = {None: "-", True: "yes", False: "**no**" if markdown else "NO"}[row.within_target]
+    best = "-" if row.best_class is None else f"{name(row.best_class)}: {_num(row.best_peak)}"
     if row.best_class in row.inexact_classes:
         best += f" (grad diff {_diff(row.inexact_classes[row.best_class])})"
     if row.selective in ("n/a", "error"):
@@ -595,7 +607,7 @@ def cells(row: Row) -> list[str]:
             selective += f" (grad diff {_diff(row.selective_grad_diff)})"
     return [
         row.name,
-        row.blocks or "-",
+        ", ".join(f"{count} {name(cls)}" for count, cls in row.blocks) or "-",
         _diff(row.grad_diff),
         _num(row.peak),
         _num(row.retained),
@@ -603,14 +615,14 @@ def cells(row: Row) -> list[str]:
         within,
         "-" if row.time is None else f"{row.time:.2f}x",
         selective,
-        "; ".join(f"**{e}**" for e in row.errors) or "none",
+        "; ".join(error(e) for e in row.errors) or "none",
     ]
 
 
 def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(row)) + " |")
+        lines.append("| " + " | ".join(cells(row, markdown=True)) + " |")
     return "\n".join(lines)
 
 

@@ -91,7 +91,8 @@ def test_a_failure_is_a_row_that_says_so():
 
     row = zoo.measure(zoo.Case("tv/broken", build, "a model that cannot be built"))
     assert row.errors == ["build: RuntimeError: no such model"]
-    assert zoo.cells(row)[-1] == "**build: RuntimeError: no such model**"
+    assert zoo.cells(row)[-1] == "build: RuntimeError: no such model"
+    assert zoo.cells(row, markdown=True)[-1] == "**build: RuntimeError: no such model**"
     assert "errors: 1 (tv/broken)" in zoo.summary([row])
 
 
