@@ -21,8 +21,9 @@ seeded identically before every run so that dropout draws the same masks):
   class are reported, and ``checkpointing=True`` should be within 10% of it;
 - the time of forward+backward with checkpointing against without, timed in alternating
   order in one run (median of the per-repetition ratios);
-- the same for the selective mode (``checkpointing="selective"``) when this torch_accum has
-  it, "n/a" otherwise.
+- peak and time ratios of the other points of the memory/time curve: the selective mode
+  (``checkpointing="selective"``) and every other block (``Checkpointing(every=2)``), "n/a"
+  where this torch_accum lacks them. Their gradients are compared bit for bit too.
 
 A model that fails gets a row that says where and with which exception; nothing is hidden.
 """
@@ -53,6 +54,16 @@ Builder = Callable[[], tuple[nn.Module, Loss]]
 # The selective mode's value for ``checkpointing=`` (saves matmuls and attention, recomputes
 # the rest); a torch_accum without it raises TypeError, which the table shows as "n/a".
 SELECTIVE = "selective"
+
+
+def _every_second() -> Any:
+    """``Checkpointing(every=2)``: every other block; None where torch_accum lacks it."""
+    checkpointing = getattr(torch_accum, "Checkpointing", None)
+    return None if checkpointing is None else checkpointing(every=2)
+
+
+# The other points of the memory/time curve, each a column: name -> its policy (or None).
+MODES: dict[str, Callable[[], Any]] = {"selective": lambda: SELECTIVE, "every 2nd": _every_second}
 # Containers hold blocks but run nothing of their own worth a policy.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 TARGET_BEST_POLICY = 1.10  # checkpointing=True's peak at most this times the best class's
@@ -319,21 +330,28 @@ BY_NAME = {case.name: case for case in CASES}
 
 # ----------------------------------------------------------------------------- measuring
 @dataclass
+class ModeResult:
+    """One of MODES on one model: ``status`` is "n/a" (not in this torch_accum), "ok", "error"."""
+
+    status: str = "n/a"
+    peak: float | None = None
+    time: float | None = None
+    grad_diff: float | None = None
+
+
+@dataclass
 class Row:
     name: str
     description: str
     blocks: list[tuple[int, str]] = field(default_factory=list)  # (how many, class name)
     errors: list[str] = field(default_factory=list)
     grad_diff: float | None = None
-    selective_grad_diff: float | None = None
     peak: float | None = None
     retained: float | None = None
     best_class: str | None = None
     best_peak: float | None = None
     time: float | None = None
-    selective: str = "n/a"
-    selective_peak: float | None = None
-    selective_time: float | None = None
+    modes: dict[str, ModeResult] = field(default_factory=dict)
     noise: float | None = None
     candidates: dict[str, float | None] = field(default_factory=dict)  # None: it failed
     inexact_classes: dict[str, float] = field(default_factory=dict)  # their max grad diff
@@ -463,23 +481,34 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
         row.blocks = _block_classes(model, accs["on"].checkpointed_modules)
     except Exception as error:
         row.errors.append(_failure("checkpointing=True", error))
-    try:
-        accs["selective"] = _accumulator(model, SELECTIVE)
-        row.selective = "yes"
-    except TypeError:
-        row.selective = "n/a"  # this torch_accum has no selective mode
-    except Exception as error:
-        row.selective = "error"
-        failure = _failure(f"checkpointing={SELECTIVE!r}", error)
-        if row.errors and row.errors[-1].split(": ", 1)[1] == failure.split(": ", 1)[1]:
-            failure = f"checkpointing={SELECTIVE!r}: the same {type(error).__name__}"
-        row.errors.append(failure)
+    for mode, make_policy in MODES.items():
+        row.modes[mode] = result = ModeResult()
+        policy = make_policy()
+        if policy is None:
+            continue
+        try:
+            accs[mode] = _accumulator(model, policy)
+            result.status = "ok"
+        except TypeError:
+            continue  # a torch_accum without this mode: "n/a"
+        except Exception as error:
+            result.status = "error"
+            failure = _failure(f"checkpointing={policy!r}", error)
+            if row.errors and row.errors[0].split(": ", 1)[1] == failure.split(": ", 1)[1]:
+                failure = f"checkpointing={policy!r}: the same {type(error).__name__}"
+            row.errors.append(failure)
+
+    def failed(name: str, where: str, error: Exception) -> None:
+        row.errors.append(_failure(f"{where}, {name}", error))
+        accs.pop(name, None)
+        if name in row.modes:
+            row.modes[name].status = "error"
 
     # Exactness and time: every setting once as warm-up (its gradients are compared), then
     # `repetitions` timed rounds in rotating order.
     settings = list(accs)
     grads: dict[str, list[torch.Tensor | None]] = {}
-    times: dict[str, list[float]] = {name: [] for name in settings}
+    times: dict[str, dict[int, float]] = {name: {} for name in settings}
     for repetition in range(repetitions + 1):
         shift = repetition % len(settings)
         for name in settings[shift:] + settings[:shift]:
@@ -488,31 +517,30 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
             try:
                 seconds = _step(model, loss, accs[name])
             except Exception as error:
-                row.errors.append(_failure(f"forward+backward, {name}", error))
-                del accs[name]
-                if name == "selective":
-                    row.selective = "error"
+                failed(name, "forward+backward", error)
                 continue
             if repetition == 0:
                 grads[name] = _grads(model)
             else:
-                times[name].append(seconds)
+                times[name][repetition] = seconds
                 if repetition == 1 and name == "off":
                     row.noise = _max_diff(grads["off"], _grads(model))
     if "off" not in grads:
         return
-    if "on" in grads:
-        row.grad_diff = _max_diff(grads["off"], grads["on"])
-    if "selective" in grads:
-        row.selective_grad_diff = _max_diff(grads["off"], grads["selective"])
 
     def time_ratio(name: str) -> float | None:
-        if not times.get(name) or not times["off"]:
+        rounds = [r for r in times.get(name, {}) if r in times["off"]]
+        if name not in accs or not rounds:
             return None
-        return statistics.median(t / o for t, o in zip(times[name], times["off"], strict=True))
+        return statistics.median(times[name][r] / times["off"][r] for r in rounds)
 
-    row.time = time_ratio("on")
-    row.selective_time = time_ratio("selective")
+    if "on" in grads:
+        row.grad_diff = _max_diff(grads["off"], grads["on"])
+        row.time = time_ratio("on")
+    for mode, result in row.modes.items():
+        if mode in grads:
+            result.grad_diff = _max_diff(grads["off"], grads[mode])
+            result.time = time_ratio(mode)
 
     # Memory: one tracked forward+backward per setting and per candidate class.
     try:
@@ -524,19 +552,16 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
     # mode, so they must equal the plain run's bit for bit (else `noise` says so), and
     # every explicit class's gradients are checked against them as well.
     row.noise = max(row.noise or 0.0, _max_diff(grads["off"], _grads(model)))
-    for name in ("on", "selective"):
-        if name in accs:
-            try:
-                peak, retained = _memory(model, loss, accs[name])
-            except Exception as error:
-                row.errors.append(_failure(f"memory, {name}", error))
-                if name == "selective":
-                    row.selective = "error"
-                continue
-            if name == "on":
-                row.peak, row.retained = peak / base_peak, retained / base_retained
-            else:
-                row.selective_peak = peak / base_peak
+    for name in [n for n in accs if n != "off"]:
+        try:
+            peak, retained = _memory(model, loss, accs[name])
+        except Exception as error:
+            failed(name, "memory", error)
+            continue
+        if name == "on":
+            row.peak, row.retained = peak / base_peak, retained / base_retained
+        else:
+            row.modes[name].peak = peak / base_peak
     try:
         candidates = repeated_classes(model, loss, max_candidates)
     except Exception as error:
@@ -567,7 +592,7 @@ COLUMNS = (
     "best class: peak",
     "within 10%",
     "time",
-    "selective peak / time",
+    *(f"{mode} peak / time" for mode in MODES),
     "errors",
 )
 
@@ -599,12 +624,15 @@ def cells(row: Row, markdown: bool = False) -> list[str]:
     best = "-" if row.best_class is None else f"{name(row.best_class)}: {_num(row.best_peak)}"
     if row.best_class in row.inexact_classes:
         best += f" (grad diff {_diff(row.inexact_classes[row.best_class])})"
-    if row.selective in ("n/a", "error"):
-        selective = row.selective
-    else:
-        selective = f"{_num(row.selective_peak)} / {_num(row.selective_time)}x"
-        if row.selective_grad_diff:
-            selective += f" (grad diff {_diff(row.selective_grad_diff)})"
+    modes = []
+    for result in row.modes.values():
+        if result.status != "ok":
+            modes.append(result.status)
+            continue
+        time_ = "-" if result.time is None else f"{result.time:.2f}x"
+        modes.append(f"{_num(result.peak)} / {time_}")
+        if result.grad_diff:
+            modes[-1] += f" (grad diff {_diff(result.grad_diff)})"
     return [
         row.name,
         ", ".join(f"{count} {name(cls)}" for count, cls in row.blocks) or "-",
@@ -614,7 +642,7 @@ def cells(row: Row, markdown: bool = False) -> list[str]:
         best,
         within,
         "-" if row.time is None else f"{row.time:.2f}x",
-        selective,
+        *modes,
         "; ".join(error(e) for e in row.errors) or "none",
     ]
 
@@ -635,12 +663,14 @@ def summary(rows: list[Row]) -> str:
         f"gradients not bit-identical: {len(inexact)} ({', '.join(inexact) or 'none'})",
         f"peak more than 10% above the best class: {len(missed)} ({', '.join(missed) or 'none'})",
     ]
-    selective = [r for r in rows if r.selective != "n/a"]
-    if selective:
-        failed = [r.name for r in selective if r.selective == "error"]
-        inexact = [r.name for r in selective if r.selective_grad_diff not in (None, 0.0)]
+    for mode in MODES:
+        results = {r.name: r.modes[mode] for r in rows if mode in r.modes}
+        if all(result.status == "n/a" for result in results.values()):
+            continue
+        failed = [name for name, result in results.items() if result.status == "error"]
+        inexact = [name for name, result in results.items() if result.grad_diff]
         lines.append(
-            f"selective mode: errors {len(failed)} ({', '.join(failed) or 'none'}), "
+            f"{mode}: errors {len(failed)} ({', '.join(failed) or 'none'}), "
             f"gradients not bit-identical {len(inexact)} ({', '.join(inexact) or 'none'})"
         )
     explicit = [f"{r.name} {c} {d:.1e}" for r in rows for c, d in r.inexact_classes.items()]

@@ -66,6 +66,9 @@ def test_checkpointing_true_runs_exactly_and_picks_the_blocks(case, rows):
     assert row.grad_diff == 0.0, row
     assert row.noise == 0.0, "the model is not deterministic even without checkpointing"
     assert row.inexact_classes == {}, "explicit classes must be exact too"
+    for mode, result in row.modes.items():
+        assert result.status in ("ok", "n/a"), (mode, result)
+        assert not result.grad_diff, (mode, result)
     assert row.best_peak is not None and row.peak is not None, row
     assert row.peak <= zoo.TARGET_BEST_POLICY * row.best_peak, (
         f"{case.name}: checkpointing=True wraps {row.blocks} for a peak ratio of "
