@@ -20,7 +20,8 @@ seeded identically before every run so that dropout draws the same masks):
   the largest first) is passed as ``checkpointing=<class>``; the lowest peak ratio and its
   class are reported, and ``checkpointing=True`` should be within 10% of it;
 - the time of forward+backward with checkpointing against without, timed in alternating
-  order in one run (median of the per-repetition ratios);
+  order in one run (median of the per-repetition ratios), in CPU seconds of the process
+  by default (``--wall-clock`` for wall time);
 - peak and time ratios of the other points of the memory/time curve: the selective mode
   (``checkpointing="selective"``) and every other block (``Checkpointing(every=2)``), "n/a"
   where this torch_accum lacks them. Their gradients are compared bit for bit too.
@@ -50,6 +51,7 @@ from torch_accum import Accumulator, measure_activation_memory
 
 Loss = Callable[[nn.Module], torch.Tensor]
 Builder = Callable[[], tuple[nn.Module, Loss]]
+Clock = Callable[[], float]
 
 # The selective mode's value for ``checkpointing=`` (saves matmuls and attention, recomputes
 # the rest); a torch_accum without it raises TypeError, which the table shows as "n/a".
@@ -395,14 +397,14 @@ def _max_diff(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> flo
     return worst
 
 
-def _step(model: nn.Module, loss: Loss, acc: Accumulator) -> float:
+def _step(model: nn.Module, loss: Loss, acc: Accumulator, clock: Clock) -> float:
     """One seeded forward+backward in ``acc``'s block; its seconds (forward+backward only)."""
     _clear_grads(model)
     torch.manual_seed(1234)  # dropout, stochastic depth: the same draws in every run
     with acc:
-        start = time.perf_counter()
+        start = clock()
         loss(model).backward()
-        return time.perf_counter() - start
+        return clock() - start
 
 
 def _memory(model: nn.Module, loss: Loss, acc: Accumulator) -> tuple[int, int]:
@@ -459,17 +461,27 @@ def _quiet() -> Iterator[None]:
         logging.getLogger("transformers").setLevel(level)
 
 
-def measure(case: Case, repetitions: int = 7, max_candidates: int = 8) -> Row:
-    """All the columns of one model's row; failures are recorded in ``row.errors``."""
+def measure(
+    case: Case,
+    repetitions: int = 7,
+    max_candidates: int = 8,
+    clock: Clock = time.process_time,
+) -> Row:
+    """All the columns of one model's row; failures are recorded in ``row.errors``.
+
+    ``clock`` times the steps: by default the process's CPU time, which other jobs on a
+    shared machine hardly change (on one thread it is the step's compute time), where wall
+    time swings with their load; pass ``time.perf_counter`` for wall time.
+    """
     started = time.perf_counter()
     row = Row(case.name, case.description)
     with _quiet():
-        _measure(case, row, repetitions, max_candidates)
+        _measure(case, row, repetitions, max_candidates, clock)
     row.seconds = time.perf_counter() - started
     return row
 
 
-def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> None:
+def _measure(case: Case, row: Row, repetitions: int, max_candidates: int, clock: Clock) -> None:
     try:
         model, loss = case.build()
     except Exception as error:
@@ -515,7 +527,7 @@ def _measure(case: Case, row: Row, repetitions: int, max_candidates: int) -> Non
             if name not in accs:
                 continue
             try:
-                seconds = _step(model, loss, accs[name])
+                seconds = _step(model, loss, accs[name], clock)
             except Exception as error:
                 failed(name, "forward+backward", error)
                 continue
@@ -698,6 +710,12 @@ def main(argv: list[str] | None = None) -> int:
     # One thread: these inputs are too small to gain from more, and on a shared machine
     # oversubscribed threads make the timings several times slower and noisier.
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--wall-clock",
+        action="store_true",
+        help="time steps in wall seconds (default: the process's CPU seconds, which other "
+        "jobs on a shared machine hardly change; the same on an idle one with 1 thread)",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for case in CASES:
@@ -724,12 +742,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, torch_accum {torch_accum.__version__}, CPU, "
-        f"{torch.get_num_threads()} threads; ratios are checkpointing on / off"
+        f"{torch.get_num_threads()} threads, {'wall' if args.wall_clock else 'CPU'} time; "
+        "ratios are checkpointing on / off"
     )
     rows = []
     started = time.perf_counter()
     for case in cases:
-        row = measure(case, args.repetitions, args.max_candidates)
+        clock = time.perf_counter if args.wall_clock else time.process_time
+        row = measure(case, args.repetitions, args.max_candidates, clock)
         rows.append(row)
         # With --markdown the rows come as a table at the end; progress goes to stderr.
         progress = sys.stderr if args.markdown else sys.stdout
