@@ -102,7 +102,8 @@ def test_blocks_made_of_pieces_not_the_pieces():
             LinearNormAct(), InvertedResidual(), InvertedResidual(), Block(), LinearNormAct()
         )
     )
-    assert chosen(model) == ("body.1", "body.2", "body.3")
+    # The stem piece before the first block is wrapped too; the last piece is not.
+    assert chosen(model) == ("body.0", "body.1", "body.2", "body.3")
 
 
 def test_stages_holding_one_block_are_not_skipped():
@@ -114,7 +115,7 @@ def test_stages_holding_one_block_are_not_skipped():
         nn.Sequential(InvertedResidual()),
         LinearNormAct(),
     )
-    assert chosen(Sequenced(body)) == ("body.1.0", "body.2.0", "body.2.1", "body.3.0")
+    assert chosen(Sequenced(body)) == ("body.0", "body.1.0", "body.2.0", "body.2.1", "body.3.0")
 
 
 def test_blocks_in_a_module_dict_and_in_plain_attributes():
@@ -165,11 +166,16 @@ class Embeddings(nn.Module):
         return self.projection(x) + self.position
 
 
-def test_decoder_layers_with_two_attentions_and_not_the_embeddings():
+class Pooler(Embeddings):
+    pass
+
+
+def test_decoder_layers_with_two_attentions_are_blocks_not_stages():
     model = nn.Module()
-    model.embeddings = Embeddings()
+    model.embeddings = Embeddings()  # before the first block: the stem, wrapped too
     model.layers = nn.ModuleList(DecoderLayer() for _ in range(3))
-    assert chosen(model) == ("layers.0", "layers.1", "layers.2")
+    model.pooler = Pooler()  # a lone module after the blocks is not
+    assert chosen(model) == ("embeddings", "layers.0", "layers.1", "layers.2")
 
 
 class SharedStack(nn.Module):

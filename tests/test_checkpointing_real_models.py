@@ -157,9 +157,9 @@ def block_classes(model):
     ("name", "expected"),
     [
         ("resnet18", ["BasicBlock"] * 8),
-        ("mobilenet_v3_small", ["InvertedResidual"] * 11),
-        ("efficientnet_b0", ["MBConv"] * 16),
-        ("regnet_y_400mf", ["ResBottleneckBlock"] * 16),
+        ("mobilenet_v3_small", ["Conv2dNormActivation"] + ["InvertedResidual"] * 11),
+        ("efficientnet_b0", ["Conv2dNormActivation"] + ["MBConv"] * 16),
+        ("regnet_y_400mf", ["SimpleStemIN"] + ["ResBottleneckBlock"] * 16),
         ("densenet121", ["_DenseLayer"] * 58),
     ],
 )
@@ -174,7 +174,7 @@ def test_torchvision_blocks(name, expected):
         ("convnext_atto", ["ConvNeXtBlock"] * 12),
         ("efficientnet_b0", ["DepthwiseSeparableConv"] + ["InvertedResidual"] * 15),
         ("mobilenetv3_small_100", ["DepthwiseSeparableConv"] + ["InvertedResidual"] * 10),
-        ("regnetx_002", ["Bottleneck"] * 13),
+        ("regnetx_002", ["ConvNormAct"] + ["Bottleneck"] * 13),
     ],
 )
 def test_timm_blocks(name, expected):
@@ -185,7 +185,7 @@ def test_timm_blocks(name, expected):
 def test_timm_swin_blocks():
     timm = pytest.importorskip("timm")
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2)
-    assert block_classes(model) == ["SwinTransformerBlock"] * 12
+    assert block_classes(model) == ["PatchEmbed"] + ["SwinTransformerBlock"] * 12
 
 
 def test_densenet_exact_and_deepcopy_inside_the_block():

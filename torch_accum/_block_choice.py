@@ -19,11 +19,14 @@ inside a block leaves everything between the pieces stored. The rule, in the ter
 
 From the model down: the first level whose members repeat a non-piece class gives the
 blocks: the non-piece members of each child (or plain container) that holds one of the
-repeated class (so a lone block in the same container counts, a lone embedding beside the
-container does not), each replaced by its blocks when its class is a stage class (a stage
-holding a single block counts too). A level without such a repetition is searched one
-level deeper; if nothing is found below, pieces that repeat on it are the blocks (a plain
-stack of conv-norm-act).
+repeated class (so a lone block in the same container counts, a lone module after them
+does not), each replaced by its blocks when its class is a stage class (a stage holding a
+single block counts too). The units on that level before the first block, the *stem*, are
+checkpointed too, pieces or not: a stem works at the input's full resolution, and leaving
+it out cost up to a third more peak (timm regnetx_002: 0.57 of the unwrapped peak instead
+of 0.48; torchvision mobilenet_v3_small 0.39 instead of 0.29). A level without such a
+repetition is searched one level deeper; if nothing is found below, pieces that repeat on
+it are the blocks (a plain stack of conv-norm-act).
 
 What the tree cannot show, such as one layer called many times (ALBERT), finds nothing:
 ``checkpointing=True`` then raises an error naming the candidate classes.
@@ -114,7 +117,11 @@ def _select(module: nn.Module, stages: set[type[nn.Module]]) -> list[nn.Module]:
             found = [m for m in _members_of_child(child) if not _is_piece(m)]
             if any(type(m) in repeated for m in found):
                 chosen.extend(found)
-        return [inner for block in chosen for inner in _expand(block, stages)]
+        # The stem: units before the first block work at the input's full resolution,
+        # so their activations are among the largest of the model.
+        first = next(i for i, m in enumerate(members) if any(m is c for c in chosen))
+        stem = members[:first]
+        return stem + [inner for block in chosen for inner in _expand(block, stages)]
     deeper = [inner for member in members for inner in _select(member, stages)]
     if deeper:
         return deeper
