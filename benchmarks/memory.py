@@ -2,6 +2,8 @@
 
     python benchmarks/memory.py                 # the table and plot in benchmarks/RESULTS.md
     python benchmarks/memory.py --smoke         # seconds; the tests run this
+    python benchmarks/memory.py --no-sweep --resnet resnet50 --image-size 128
+                                                # only the modes side by side (see below)
 
 A 12-block GPT-style model (examples/gpt.py) at a fixed effective batch size: with K
 accumulation steps each micro-batch holds batch/K sequences. For every K, with
@@ -9,8 +11,13 @@ checkpointing off and on, it reports the activation memory of one micro-batch (b
 retained after the forward and the peak over forward+backward, measured on any device with
 torch_accum.measure_activation_memory; on CUDA also torch.cuda.max_memory_allocated) and
 the time of one optimizer step (K micro-batches), the two settings timed in alternating
-order. A torchvision ResNet-18 gets the same table when torchvision is importable. The plot
-goes to docs/images/memory.png.
+order. A torchvision ResNet (``--resnet``, ResNet-18 by default) gets the same table when
+torchvision is importable. The plot goes to docs/images/memory.png.
+
+Then the checkpointing modes side by side, at each K of ``--modes-k``: off, "full" (all
+blocks), every 2nd / 3rd block, "selective" (matmul and attention results kept), each
+with its peak and step time relative to no checkpointing; all modes are timed in one
+rotating order, so that they share the machine's state.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from torch import nn
 
 import torch_accum
-from torch_accum import Accumulator, measure_activation_memory
+from torch_accum import Accumulator, Checkpointing, measure_activation_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from gpt import GPT, GPTConfig
@@ -71,12 +78,12 @@ def resnet_workload(args: argparse.Namespace, device: torch.device) -> Workload 
     try:
         import torchvision
     except Exception as error:  # torchvision needs a torch build with its compiled ops
-        print(f"(ResNet-18 skipped: torchvision is not importable here: {error})")
+        print(f"(ResNet skipped: torchvision is not importable here: {error})")
         return None
 
     def make_model() -> nn.Module:
         torch.manual_seed(0)
-        return torchvision.models.resnet18(num_classes=10).to(device)
+        return getattr(torchvision.models, args.resnet)(num_classes=10).to(device)
 
     def make_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
         side = args.image_size
@@ -89,17 +96,20 @@ def resnet_workload(args: argparse.Namespace, device: torch.device) -> Workload 
         return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
     return Workload(
-        f"torchvision ResNet-18, {args.image_size}x{args.image_size} images",
+        f"torchvision {args.resnet}, {args.image_size}x{args.image_size} images",
         make_model,
         make_batch,
         loss,
     )
 
 
-def micro_batch_memory(work: Workload, size: int, checkpointing: bool) -> dict[str, float]:
+def micro_batch_memory(work: Workload, size: int, checkpointing: object) -> dict[str, float]:
     model = work.make_model()
     acc = Accumulator(
-        model, torch.optim.SGD(model.parameters(), lr=0.01), 1, checkpointing=checkpointing
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        1,
+        checkpointing=checkpointing,  # type: ignore[arg-type]
     )
     batch = work.make_batch(size)
     with acc:
@@ -181,6 +191,78 @@ def run(work: Workload, args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
+#: The points on the memory/time curve that the modes table measures, least memory first.
+MODES: dict[str, object] = {
+    "off": False,
+    "full": "full",
+    "every 2nd": Checkpointing(every=2),
+    "every 3rd": Checkpointing(every=3),
+    "selective": "selective",
+}
+
+
+def modes(work: Workload, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Peak and step time of every mode at each K of --modes-k, relative to no checkpointing."""
+    clock = "CPU s, 1 thread" if args.cpu_time else "wall s"
+    print(
+        f"\n{work.name}; effective batch {args.batch}: checkpointing modes side by side "
+        f"(step times in {clock})"
+    )
+    print(
+        f"{'mode':>10} {'K':>3} {'micro':>5} | {'blocks':>6} {'retained MiB':>12} "
+        f"{'peak MiB':>9} {'peak ratio':>10} | {'step s':>7} {'time ratio':>10}"
+    )
+    rows = []
+    for k in args.modes_k:
+        size = args.batch // k
+        memory = {name: micro_batch_memory(work, size, policy) for name, policy in MODES.items()}
+        micro = [work.make_batch(size) for _ in range(k)]
+        setups = {}
+        for name, policy in MODES.items():
+            model = work.make_model()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            acc = Accumulator(model, optimizer, k, checkpointing=policy)  # type: ignore[arg-type]
+            setups[name] = (model, optimizer, acc)
+        times: dict[str, list[float]] = {name: [] for name in MODES}
+        names = list(MODES)
+        for repetition in range(args.repetitions + 1):
+            shift = repetition % len(names)
+            for name in names[shift:] + names[:shift]:  # each mode in every position in turn
+                model, optimizer, acc = setups[name]
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                start = args.clock()
+                with acc:
+                    for batch_ in micro:
+                        acc.backward(work.loss(model, batch_))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if repetition:  # the first round warms up
+                    times[name].append(args.clock() - start)
+        step = {name: statistics.median(t) for name, t in times.items()}
+        for name in names:
+            row = {
+                "mode": name,
+                "k": k,
+                "micro": size,
+                "blocks": len(setups[name][2].checkpointed_modules),
+                "retained": memory[name]["retained"],
+                "peak": memory[name]["peak"],
+                "peak_ratio": memory[name]["peak"] / memory["off"]["peak"],
+                "step": step[name],
+                "time_ratio": step[name] / step["off"],
+            }
+            rows.append(row)
+            print(
+                f"{name:>10} {k:>3} {size:>5} | {row['blocks']:>6} {row['retained']:>12.2f} "
+                f"{row['peak']:>9.2f} {row['peak_ratio']:>10.3f} | {row['step']:>7.3f} "
+                f"{row['time_ratio']:>10.3f}"
+            )
+    return rows
+
+
 def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
     try:
         import matplotlib
@@ -219,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=128, help="GPT width")
     parser.add_argument("--context", type=int, default=128, help="GPT sequence length")
     parser.add_argument("--image-size", type=int, default=64, help="ResNet input side")
+    parser.add_argument("--resnet", default="resnet18", help="torchvision ResNet to build")
+    parser.add_argument(
+        "--modes-k", type=int, nargs="*", default=[1, 4], help="K values of the modes table"
+    )
+    parser.add_argument("--no-sweep", action="store_true", help="only the modes table")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="modes table: time steps in CPU seconds of this process on 1 thread (stable on "
+        "a machine shared with other jobs, where wall time is not)",
+    )
     parser.add_argument("--repetitions", type=int, default=5, help="timed steps per setting")
     parser.add_argument("--plot", type=Path, default=HERE.parent / "docs" / "images" / "memory.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, no plot; for CI")
@@ -226,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.accumulation_steps, args.batch, args.width, args.context = [1, 2], 4, 32, 16
         args.image_size, args.repetitions, args.plot = 32, 1, None
-    if any(k < 1 or args.batch % k for k in args.accumulation_steps):
+        args.modes_k = [2]
+    args.clock = time.perf_counter
+    if args.cpu_time:
+        args.clock = time.process_time
+        torch.set_num_threads(1)
+    if args.no_sweep:
+        args.accumulation_steps, args.plot = [], None
+    if any(k < 1 or args.batch % k for k in args.accumulation_steps + args.modes_k):
         parser.error(f"every --accumulation-steps must divide --batch {args.batch}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
@@ -241,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     for make in (gpt_workload, resnet_workload):
         work = make(args, device)
         if work is not None:
-            results[work.name] = run(work, args)
+            if args.accumulation_steps:
+                results[work.name] = run(work, args)
+            modes(work, args)
     if args.plot is not None:
         plot(results, args.plot)
     return 0

@@ -115,13 +115,18 @@ def test_bad_policies():
         Accumulator(model, sgd(model), 2, checkpointing=nn.Conv2d)
     with pytest.raises(ValueError, match=r"matches no submodule of GPT; pass the class"):
         Accumulator(model, sgd(model), 2, checkpointing=lambda m: False)
-    for policy in (3, "blocks", (nn.Linear, "x"), ()):
+    for policy in (3, (nn.Linear, "x"), ()):
         with pytest.raises(
             TypeError, match=r"checkpointing must be True, False, an nn.Module class.* got"
         ):
             Accumulator(model, sgd(model), 2, checkpointing=policy)
     with pytest.raises(TypeError, match=r"got 3 \(int\)"):
         Accumulator(model, sgd(model), 2, checkpointing=3)
+    # A string is the right type but not a mode.
+    with pytest.raises(
+        ValueError, match=r"checkpointing='blocks' is not a mode: .* 'full' .* 'selective'"
+    ):
+        Accumulator(model, sgd(model), 2, checkpointing="blocks")
 
 
 def test_model_without_parameters_raises():

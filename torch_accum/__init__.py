@@ -5,7 +5,7 @@
 
 from torch_accum._window import WindowState
 from torch_accum.accumulator import Accumulator
-from torch_accum.checkpointing import CheckpointPolicy
+from torch_accum.checkpointing import Checkpointing, CheckpointPolicy
 from torch_accum.memory import ActivationMemory, measure_activation_memory
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "Accumulator",
     "ActivationMemory",
     "CheckpointPolicy",
+    "Checkpointing",
     "WindowState",
     "__version__",
     "measure_activation_memory",

@@ -86,10 +86,12 @@ class Accumulator:
             naming the parameters (``"raise"``). With a scaler, the scaler's skip and
             back-off apply instead.
         checkpointing: run blocks of ``model`` under non-reentrant activation
-            checkpointing while the ``with`` block runs: ``True`` for the repeated blocks
-            (same-class modules in an ``nn.ModuleList``/``nn.Sequential``), an
-            ``nn.Module`` class or tuple of classes, or a callable ``module -> bool``. The
-            wrapped blocks are listed in ``checkpointed_modules``. Default off.
+            checkpointing while the ``with`` block runs: ``True`` (or ``"full"``) for the
+            model's residual blocks / transformer layers, ``"selective"`` to also keep
+            the results of matmuls and attention, an ``nn.Module`` class or
+            tuple of classes, a callable ``module -> bool``, or a
+            [`Checkpointing`][torch_accum.Checkpointing] (blocks, mode, every n-th block).
+            The wrapped blocks are listed in ``checkpointed_modules``. Default off.
         sync_each_micro_batch: under DDP or FSDP2, synchronise gradients on every
             micro-batch instead of once per window. Default False.
         total_micro_batches: how many micro-batches each ``with`` block runs (e.g.
@@ -273,7 +275,7 @@ class Accumulator:
         try:
             self._interception.install(self._driver, owner=self)
             if self._checkpointing is not None:
-                self._checkpointing.install(self._interception.patches, self)
+                self._checkpointing.install()
             self._run.block_micro_batches = 0
             if self._sync is not None:
                 self._sync.enter(self._driver, self.total_micro_batches)
@@ -313,7 +315,11 @@ class Accumulator:
             if self._sync is not None:
                 self._sync.exit()
         finally:
-            self._interception.restore()
+            try:
+                self._interception.restore()
+            finally:
+                if self._checkpointing is not None:
+                    self._checkpointing.restore()
 
     # ------------------------------------------------------------------ the loop's calls
     def backward(

@@ -1,11 +1,13 @@
-"""Activation checkpointing of a model's repeated blocks, switched on for a ``with`` block.
+"""Activation checkpointing of a model's blocks, switched on for a ``with`` block.
 
 Each selected block's ``forward`` is shadowed on the instance (so ``state_dict`` keys and
-the module tree stay as they are) by one that runs the original under
+the module tree stay as they are) by a `CheckpointedForward` that runs the original under
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the block keeps only its
-inputs for backward and recomputes the rest. Whole blocks are wrapped, never their
-children (a wrapped child still stores everything between children) and never a block
-inside another wrapped block (nested recomputation would run the inner forward 3 times).
+inputs for backward and recomputes the rest ("full"), or keeps the results of its matmuls
+and attention and recomputes only the cheap ops between them ("selective").
+Whole blocks are wrapped, never their children (a wrapped child still stores everything
+between children) and never a block inside another wrapped block (nested recomputation
+would run the inner forward 3 times). Which blocks ``True`` finds: see ``_block_choice``.
 """
 
 from __future__ import annotations
@@ -13,87 +15,167 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from torch_accum._patching import MethodPatches
+from torch_accum._block_choice import candidate_classes, choose_blocks
+from torch_accum._caches import CacheSwitch, without_caches
 
 logger = logging.getLogger(__name__)
 
-CheckpointPolicy = (
-    bool | type[nn.Module] | tuple[type[nn.Module], ...] | Callable[[nn.Module], bool]
+BlockPolicy = bool | type[nn.Module] | tuple[type[nn.Module], ...] | Callable[[nn.Module], bool]
+Mode = Literal["full", "selective"]
+MODES: tuple[Mode, ...] = ("full", "selective")
+
+_ACCEPTED = (
+    "True, False, an nn.Module class, a tuple of them, a callable module -> bool, 'full', "
+    "'selective', or a torch_accum.Checkpointing(blocks=..., mode=..., every=...)"
 )
 
-_CONTAINERS = (nn.ModuleList, nn.Sequential)
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Which blocks to checkpoint and how: one point on the memory/time curve.
+
+    Args:
+        blocks: ``True`` for the model's blocks (the residual blocks / transformer layers,
+            found from the module tree), an ``nn.Module`` class or tuple of classes, or a
+            callable ``module -> bool``.
+        mode: ``"full"`` keeps only each block's inputs and recomputes the rest in backward
+            (least memory, one extra forward of the blocks); ``"selective"`` also keeps the
+            outputs of matmuls and attention and recomputes only the cheap
+            ops between them (norms, activations, dropout, residual adds).
+        every: checkpoint every ``every``-th block only (blocks 0, every, 2*every, ...):
+            between no checkpointing (memory) and all blocks (time).
+
+    Examples:
+        >>> from torch_accum import Checkpointing
+        >>> Checkpointing(mode="selective")
+        Checkpointing(blocks=True, mode='selective', every=1)
+        >>> Checkpointing(every=2).every
+        2
+    """
+
+    blocks: BlockPolicy = True
+    mode: Mode = "full"
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_blocks(self.blocks, "Checkpointing(blocks=...)")
+        if self.mode not in MODES:
+            raise ValueError(
+                f"Checkpointing(mode=...) must be 'full' or 'selective', got {_describe(self.mode)}"
+            )
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(
+                f"Checkpointing(every=...) must be an int >= 1 (1 checkpoints every block, 2 "
+                f"every second one), got {_describe(self.every)}"
+            )
 
 
-def is_repeated_block(module: nn.Module, parent: nn.Module | None) -> bool:
-    """A non-leaf module with parameters inside a ModuleList/Sequential of its own kind."""
-    if not isinstance(parent, _CONTAINERS) or len(parent) < 2:
-        return False
-    if not all(type(sibling) is type(module) for sibling in parent):
-        return False
-    has_children = next(module.children(), None) is not None
-    has_parameters = next(module.parameters(), None) is not None
-    return has_children and has_parameters
+CheckpointPolicy = BlockPolicy | Mode | Checkpointing
 
 
 def _describe(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _as_predicate(policy: CheckpointPolicy) -> Callable[[nn.Module, nn.Module | None], bool]:
-    if policy is True:
-        return is_repeated_block
-    if isinstance(policy, type) and issubclass(policy, nn.Module):
-        return lambda module, _parent: isinstance(module, policy)
-    if (
-        isinstance(policy, tuple)
-        and policy
-        and all(isinstance(c, type) and issubclass(c, nn.Module) for c in policy)
-    ):
-        return lambda module, _parent: isinstance(module, policy)
-    if callable(policy) and not isinstance(policy, (type, bool)):
-        return lambda module, _parent: bool(policy(module))
+def _is_module_class(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, nn.Module)
+
+
+def _check_blocks(blocks: object, argument: str) -> None:
+    if blocks is True or _is_module_class(blocks):
+        return
+    if isinstance(blocks, tuple) and blocks and all(_is_module_class(c) for c in blocks):
+        return
+    if callable(blocks) and not isinstance(blocks, (type, bool, Checkpointing)):
+        return
     raise TypeError(
-        f"checkpointing must be True, False, an nn.Module class, a tuple of them, or a "
-        f"callable module -> bool; got {_describe(policy)}. For example "
-        "checkpointing=True, checkpointing=MyBlock or checkpointing=lambda m: m in model.blocks"
+        f"{argument} must be True, an nn.Module class, a tuple of them, or a callable "
+        f"module -> bool; got {_describe(blocks)}"
     )
 
 
-def select_blocks(model: nn.Module, policy: CheckpointPolicy) -> list[tuple[str, nn.Module]]:
-    """The outermost modules of ``model`` that ``policy`` selects, in definition order."""
-    predicate = _as_predicate(policy)
+def as_checkpointing(policy: object) -> Checkpointing:
+    """The `Checkpointing` that the ``checkpointing=`` argument ``policy`` stands for."""
+    if isinstance(policy, Checkpointing):
+        return policy
+    if isinstance(policy, str):
+        if policy not in MODES:
+            raise ValueError(
+                f"checkpointing={policy!r} is not a mode: the strings accepted are 'full' "
+                "(the same as True) and 'selective'; for every n-th block pass "
+                "checkpointing=torch_accum.Checkpointing(every=n)"
+            )
+        return Checkpointing(mode=policy)
+    try:
+        _check_blocks(policy, "checkpointing")
+    except TypeError:
+        raise TypeError(
+            f"checkpointing must be {_ACCEPTED}; got {_describe(policy)}. For example "
+            "checkpointing=True, checkpointing='selective', checkpointing=MyBlock or "
+            "checkpointing=lambda m: m in model.blocks"
+        ) from None
+    return Checkpointing(blocks=policy)  # type: ignore[arg-type]  # checked just above
+
+
+def _as_predicate(blocks: BlockPolicy) -> Callable[[nn.Module], bool]:
+    if _is_module_class(blocks) or isinstance(blocks, tuple):
+        classes = blocks
+        return lambda module: isinstance(module, classes)  # type: ignore[arg-type]
+    return lambda module: bool(blocks(module))  # type: ignore[operator]
+
+
+def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.Module]]:
+    """The outermost modules of ``model`` that ``blocks`` selects, in definition order."""
     if next(model.parameters(), None) is None:
         raise ValueError(
             f"checkpointing was requested for a {type(model).__name__} without parameters: "
             "there is no activation gradient to save memory on; pass checkpointing=False"
         )
+    names = {id(module): name for name, module in model.named_modules()}
+    if blocks is True:
+        chosen = choose_blocks(model)
+        if not chosen:
+            candidates = candidate_classes(model)
+            hint = (
+                f" Classes of modules with layers of their own: {', '.join(candidates)}; "
+                "pass the one your model runs once per layer (for one shared layer, that "
+                "layer's class)."
+                if candidates
+                else ""
+            )
+            raise ValueError(
+                f"checkpointing=True found no repeated blocks in {type(model).__name__}: no "
+                "class of module with layers of its own occurs twice side by side (as "
+                "attributes or in an nn.Sequential/ModuleList/ModuleDict); a layer shared and "
+                f"called repeatedly cannot be seen from the module tree.{hint} Say which "
+                "modules to checkpoint with checkpointing=<block class>, a tuple of classes, "
+                "or a callable module -> bool"
+            )
+        return [(names[id(block)], block) for block in chosen]
+    predicate = _as_predicate(blocks)
     selected: list[tuple[str, nn.Module]] = []
 
-    def visit(module: nn.Module, name: str, parent: nn.Module | None) -> None:
-        if module is not model and predicate(module, parent):
+    def visit(module: nn.Module, name: str) -> None:
+        if module is not model and predicate(module):
             selected.append((name, module))
             return  # never wrap anything inside a wrapped block
         for child_name, child in module.named_children():
-            visit(child, f"{name}.{child_name}" if name else child_name, module)
+            visit(child, f"{name}.{child_name}" if name else child_name)
 
-    visit(model, "", None)
+    visit(model, "")
     if not selected:
-        if policy is True:
-            raise ValueError(
-                f"checkpointing=True found no repeated blocks in {type(model).__name__}: no "
-                "nn.ModuleList or nn.Sequential holds two or more modules of one class that "
-                "have parameters and submodules. Say which modules to checkpoint with "
-                "checkpointing=<block class>, a tuple of classes, or a callable module -> bool"
-            )
         raise ValueError(
-            f"checkpointing={policy!r} matches no submodule of {type(model).__name__}; pass "
+            f"checkpointing={blocks!r} matches no submodule of {type(model).__name__}; pass "
             "the class of the model's blocks (e.g. checkpointing=type(model.blocks[0])) or "
             "a callable that returns True for them"
         )
@@ -105,45 +187,153 @@ class ActivationCheckpointing:
 
     Args:
         model: the model whose blocks to checkpoint.
-        policy: ``True`` for the repeated blocks (see `is_repeated_block`), an
-            ``nn.Module`` class or tuple of classes, or a callable ``module -> bool``.
+        policy: what ``Accumulator(checkpointing=...)`` accepts: see `Checkpointing`.
     """
 
     def __init__(self, model: nn.Module, policy: CheckpointPolicy) -> None:
-        self.blocks = select_blocks(model, policy)
+        self.settings = as_checkpointing(policy)
+        blocks = select_blocks(model, self.settings.blocks)
+        self.blocks = blocks[:: self.settings.every]
         self.names = tuple(name for name, _ in self.blocks)
+        self._caches = CacheSwitch(model)
+        self._previous: list[tuple[nn.Module, object]] = []
+        self.logged_cache_drop = False
 
-    def install(self, patches: MethodPatches, owner: object) -> None:
-        """Shadow each block's ``forward``; ``patches.restore()`` undoes it."""
-        for _, block in self.blocks:
-            patches.replace(block, "forward", _checkpointed(block, block.forward), owner)
-        logger.debug("checkpointing %d blocks: %s", len(self.names), ", ".join(self.names))
+    def install(self) -> None:
+        """Shadow each block's ``forward`` and switch KV caches off; `restore` undoes it."""
+        self._caches.switch_off()
+        for name, block in self.blocks:
+            previous = vars(block).get("forward", _ABSENT)
+            self._previous.append((block, previous))
+            vars(block)["forward"] = CheckpointedForward(block, name, self, previous)
+        logger.debug(
+            "checkpointing %d blocks (%s): %s",
+            len(self.names),
+            self.settings.mode,
+            ", ".join(self.names),
+        )
+
+    def restore(self) -> None:
+        """Put back every ``forward`` and ``use_cache``; safe to call more than once."""
+        try:
+            while self._previous:
+                block, previous = self._previous.pop()
+                if previous is _ABSENT:
+                    vars(block).pop("forward", None)
+                else:
+                    vars(block)["forward"] = previous
+        finally:
+            self._caches.restore()
+
+    def context_fn(self) -> Any:
+        """``checkpoint(context_fn=...)`` for the mode: what to save instead of recompute."""
+        if self.settings.mode == "selective":
+            return create_selective_checkpoint_contexts(_expensive_ops())  # type: ignore[no-untyped-call]
+        return contextlib.nullcontext(), contextlib.nullcontext()
 
 
-def _checkpointed(block: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    running_stats = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+_ABSENT = object()
 
-    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+
+@functools.cache
+def _expensive_ops() -> list[Any]:
+    """Ops whose outputs selective checkpointing keeps: matmuls and attention.
+
+    Not convolutions: CNNs often apply an in-place activation straight to a conv output
+    (squeeze-excitation, SqueezeNet), which a kept result must not see (PyTorch raises
+    "Tensor cached during selective activation checkpoint has been mutated" in backward).
+    """
+    aten = torch.ops.aten
+    names = (
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
+
+
+def _unpatched_forward(block: nn.Module, previous: object) -> object:
+    """What a copy of a block gets for the ``forward`` that was shadowed in the original."""
+    if previous is not None:
+        return previous
+    return types.MethodType(type(block).forward, block)
+
+
+def _snapshot(value: Any) -> Any:
+    """``value`` with its lists, tuples and dicts copied (recursively); the rest shared."""
+    if type(value) is list:
+        return [_snapshot(item) for item in value]
+    if type(value) is tuple:
+        return tuple(_snapshot(item) for item in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_snapshot(item) for item in value))
+    if type(value) is dict:
+        return {key: _snapshot(item) for key, item in value.items()}
+    return value
+
+
+class CheckpointedForward:
+    """The ``forward`` of a block while it is checkpointed; an instance attribute.
+
+    A class rather than a closure so that copies of the model made inside the ``with``
+    block (``copy.deepcopy``, ``torch.save``) get a plain ``forward`` of their own block
+    (`__reduce__`), not one that runs the live model's block.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        name: str,
+        owner: ActivationCheckpointing,
+        previous: object,
+    ) -> None:
+        self.block = block
+        self.name = name
+        self.owner = owner
+        self.previous = None if previous is _ABSENT else previous
+        self.forward: Callable[..., Any] = getattr(block, "forward")  # noqa: B009
+        self.running_stats = [
+            m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        # inspect.signature() follows __wrapped__: code that reads a block's signature
+        # (Hugging Face does) sees the real one.
+        self.__wrapped__ = self.forward
+        self.__name__ = "forward"
+        self.__doc__ = getattr(self.forward, "__doc__", None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unpatched_forward, (self.block, self.previous)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Nothing to save for backward in evaluation or under no_grad: run it plainly.
-        if not (block.training and torch.is_grad_enabled()):
-            return forward(*args, **kwargs)
-        if not running_stats:
-            # partial(): the block's keyword arguments must not meet checkpoint()'s own.
-            return checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=False)
+        if not (self.block.training and torch.is_grad_enabled()):
+            return self.forward(*args, **kwargs)
+        owner = self.owner
+        cleaned = without_caches(self.name, kwargs, log=not owner.logged_cache_drop)
+        if cleaned is not kwargs:
+            owner.logged_cache_drop = True
+        # Recomputation in backward must see the arguments as they were now, even if the
+        # caller appends to a list it passed (DenseNet): copy the containers, not tensors.
+        saved_args, saved_kwargs = _snapshot(args), _snapshot(cleaned)
+        forward, running_stats = self.forward, self.running_stats
         calls = 0
 
-        def run(*inner_args: Any) -> Any:
+        def run(*first_args: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
-                return forward(*inner_args, **kwargs)
+                return forward(*first_args, **cleaned)
             # The recomputation in backward must not update running statistics again.
             with _frozen_running_stats(running_stats):
-                return forward(*inner_args, **kwargs)
+                return forward(*saved_args, **saved_kwargs)
 
-        return checkpoint(run, *args, use_reentrant=False)
-
-    return functools.wraps(forward)(checkpointed_forward)
+        return checkpoint(run, *args, use_reentrant=False, context_fn=owner.context_fn)
 
 
 @contextlib.contextmanager
@@ -151,8 +341,11 @@ def _frozen_running_stats(modules: list[nn.modules.batchnorm._BatchNorm]) -> Ite
     # With momentum 0 the running update is `1 * running + 0 * batch`: the statistics keep
     # their values bit for bit, while the op (and so what it saves for backward) is the
     # same as in the original forward, which checkpoint() verifies.
+    # The count is saved and put back outside any dispatch mode: selective checkpointing
+    # replays the recomputation against the ops of the first forward, and these are extra.
     saved = [(m.momentum, m.num_batches_tracked) for m in modules]
-    counts = [None if count is None else count.clone() for _, count in saved]
+    with _disable_current_modes():
+        counts = [None if count is None else count.clone() for _, count in saved]
     try:
         for module in modules:
             module.momentum = 0.0
@@ -161,4 +354,5 @@ def _frozen_running_stats(modules: list[nn.modules.batchnorm._BatchNorm]) -> Ite
         for module, (momentum, count), value in zip(modules, saved, counts, strict=True):
             module.momentum = momentum
             if count is not None and value is not None:
-                count.copy_(value)
+                with _disable_current_modes():
+                    count.copy_(value)
