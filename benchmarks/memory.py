@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,6 +124,28 @@ def micro_batch_memory(work: Workload, size: int, checkpointing: object) -> dict
     }
 
 
+def timed_step(
+    work: Workload,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    acc: Accumulator,
+    micro: list[Any],
+    clock: Callable[[], float],
+) -> float:
+    """Seconds of one optimizer step (one ``with`` block over ``micro``) by ``clock``."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = clock()
+    with acc:
+        for batch in micro:
+            acc.backward(work.loss(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return clock() - start
+
+
 def step_times(work: Workload, k: int, batch: int, repetitions: int) -> dict[bool, float]:
     """Median seconds per optimizer step, checkpointing off and on, in alternating order."""
     micro = [work.make_batch(batch // k) for _ in range(k)]
@@ -139,19 +162,9 @@ def step_times(work: Workload, k: int, batch: int, repetitions: int) -> dict[boo
     for repetition in range(repetitions + 1):
         order = (False, True) if repetition % 2 == 0 else (True, False)
         for checkpointing in order:
-            model, optimizer, acc = setups[checkpointing]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with acc:
-                for batch_ in micro:
-                    acc.backward(work.loss(model, batch_))
-                    optimizer.step()
-                    optimizer.zero_grad()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            seconds = timed_step(work, *setups[checkpointing], micro, time.perf_counter)
             if repetition:  # the first round warms up
-                times[checkpointing].append(time.perf_counter() - start)
+                times[checkpointing].append(seconds)
     return {c: statistics.median(t) for c, t in times.items()}
 
 
@@ -228,19 +241,9 @@ def modes(work: Workload, args: argparse.Namespace) -> list[dict[str, object]]:
         for repetition in range(args.repetitions + 1):
             shift = repetition % len(names)
             for name in names[shift:] + names[:shift]:  # each mode in every position in turn
-                model, optimizer, acc = setups[name]
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                start = args.clock()
-                with acc:
-                    for batch_ in micro:
-                        acc.backward(work.loss(model, batch_))
-                        optimizer.step()
-                        optimizer.zero_grad()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                seconds = timed_step(work, *setups[name], micro, args.clock)
                 if repetition:  # the first round warms up
-                    times[name].append(args.clock() - start)
+                    times[name].append(seconds)
         step = {name: statistics.median(t) for name, t in times.items()}
         for name in names:
             row = {

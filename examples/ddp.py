@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         everyone = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(everyone, flat)
         same = all(torch.equal(everyone[0], other) for other in everyone)
+        # Tear down together: a rank that closes its connections while another is still
+        # inside a collective can abort that rank's gloo threads at exit.
+        dist.barrier()
         dist.destroy_process_group()
     else:
         same = True
