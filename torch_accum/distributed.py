@@ -135,12 +135,12 @@ class GradientSync:
         self._loop = loop
         self._forwards = 0
         self._counts_agreed = False
+        if self.is_ddp:  # saved first: exit() restores it also when the agreement raises
+            ddp = cast(DistributedDataParallel, self.model)
+            self._saved_ddp_flag = bool(ddp.require_backward_grad_sync)
         if total is not None:
             self.agree(Step.ENTER, total)
             self._counts_agreed = True
-        if self.is_ddp:
-            ddp = cast(DistributedDataParallel, self.model)
-            self._saved_ddp_flag = bool(ddp.require_backward_grad_sync)
 
         def before_forward(module: nn.Module, args: Any) -> None:
             if not torch.is_grad_enabled():
