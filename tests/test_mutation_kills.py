@@ -10,7 +10,7 @@ import torch
 from helpers import make_batches, make_model, mse
 from torch import nn
 
-from torch_accum import Accumulator
+from torch_accum import Accumulator, measure_activation_memory
 
 
 # ----------------------------------------------------------------------------- progress bar
@@ -153,3 +153,33 @@ def test_progress_is_not_shown_when_not_asked(capsys):
             acc.backward(mse(model, batch))
             optimizer.step()
     assert capsys.readouterr().err == ""
+
+
+def test_probe_up_after_counts_from_zero_after_memory_budget_sizing():
+    # Sized from memory_budget (no out-of-memory error resets the count), the first probe
+    # upward still waits for probe_up_after error-free batches, not one fewer.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1))
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+
+    def compute_loss(micro):
+        return nn.functional.mse_loss(model(micro[0]), micro[1])
+
+    budget = measure_activation_memory(
+        lambda: compute_loss((x[:8], y[:8])), parameters=model.parameters()
+    ).peak
+    acc = Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        micro_batch_size="auto",
+        memory_budget=budget,
+        probe_up_after=2,
+    )
+    sizes = []
+    with acc:
+        for _ in range(3):
+            acc.step_batch((x, y), compute_loss)
+            sizes.append(acc.micro_batch_size)
+    sized = sizes[0]
+    assert sized < 32
+    assert sizes == [sized, 2 * sized, 2 * sized]
