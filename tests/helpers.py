@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,3 +86,18 @@ def train_accumulated(
 
 def parameters_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def sgd_failing_first_step(message: str) -> type[torch.optim.SGD]:
+    """An SGD class whose first ``step()`` (over all its instances) raises ``message``."""
+
+    class FailsOnce(torch.optim.SGD):
+        failed = False
+
+        def step(self, closure: Any = None) -> Any:
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError(message)
+            return super().step(closure)
+
+    return FailsOnce

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import make_batches, make_model, mse
+from helpers import make_batches, make_model, mse, sgd_failing_first_step
 from torch import nn
 
 from torch_accum import Accumulator, measure_activation_memory
@@ -342,7 +342,8 @@ def test_a_complete_window_resumed_with_non_finite_gradients_is_skipped():
         assert torch.equal(got, want)
 
 
-def test_load_state_dict_restores_the_last_window_loss():
+def saved_with_one_window_finished_and_one_pending():
+    """The state_dict and loss of an Accumulator after 3 micro-batches at K=2."""
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = Accumulator(model, optimizer, 2)
@@ -350,8 +351,11 @@ def test_load_state_dict_restores_the_last_window_loss():
         for batch in make_batches(3, 4):
             acc.backward(mse(model, batch))
             optimizer.step()
-        state = acc.state_dict()  # one pending micro-batch, one finished window
-        loss_at_save = acc.loss
+        return acc.state_dict(), acc.loss
+
+
+def test_load_state_dict_restores_the_last_window_loss():
+    state, loss_at_save = saved_with_one_window_finished_and_one_pending()
     other_model = make_model()
     other = Accumulator(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), 2)
     assert other.loss is None
@@ -396,14 +400,7 @@ def test_scheduler_state_dict_inside_the_block_keeps_its_own_instance_attributes
 
 # ----------------------------------------------------------------------------- _boundary.py
 def test_with_a_scaler_an_error_after_the_first_optimizer_stepped_uses_the_window_up():
-    class FailsOnce(torch.optim.SGD):
-        failed = False
-
-        def step(self, closure=None):
-            if not FailsOnce.failed:
-                FailsOnce.failed = True
-                raise RuntimeError("second optimizer failed")
-            return super().step(closure)
+    FailsOnce = sgd_failing_first_step("second optimizer failed")
 
     model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
     first = torch.optim.SGD(model[0].parameters(), lr=0.1)
@@ -795,15 +792,7 @@ def test_an_out_of_memory_replay_counts_the_replayed_micro_batches_once():
 
 
 def test_an_old_state_dict_with_a_finished_window_restores_its_loss():
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    acc = Accumulator(model, optimizer, 2)
-    with acc:
-        for batch in make_batches(3, 4):
-            acc.backward(mse(model, batch))
-            optimizer.step()
-        state = acc.state_dict()
-        loss_at_save = acc.loss
+    state, loss_at_save = saved_with_one_window_finished_and_one_pending()
     for key in ("state", "length", "weighted"):
         del state["last_window"][key]
     other_model = make_model()

@@ -11,7 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCES, make_batches, make_model, mse, parameters_of
+from helpers import (
+    TOLERANCES,
+    make_batches,
+    make_model,
+    mse,
+    parameters_of,
+    sgd_failing_first_step,
+)
 from torch import nn
 
 from torch_accum import Accumulator
@@ -830,14 +837,7 @@ def test_discarding_an_unscaled_window_lets_the_next_window_unscale():
 
 
 def test_an_optimizer_error_inside_scaler_step_leaves_the_window_to_retry():
-    class FailsOnce(torch.optim.SGD):
-        failed = False
-
-        def step(self, closure=None):
-            if not FailsOnce.failed:
-                FailsOnce.failed = True
-                raise RuntimeError("optimizer failed before updating")
-            return super().step(closure)
+    FailsOnce = sgd_failing_first_step("optimizer failed before updating")
 
     model = make_model(torch.float32)
     optimizer = FailsOnce(model.parameters(), lr=0.1)
