@@ -12,6 +12,7 @@ docs/testing.md. See docs/testing.md for what the numbers mean.
     python benchmarks/mutation.py torch_accum.progress   # one module (or several)
     python benchmarks/mutation.py --report               # only print the last results
     python benchmarks/mutation.py --rerun-survivors      # after adding tests: run them again
+    python benchmarks/mutation.py --rerun-timeouts       # timed out on a busy machine? again
     python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
 
 ``--recheck FILES`` runs each survivor against the tests in FILES that call its function
@@ -38,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
 # mutmut's exit codes (mutmut/stats.py): 1 and 3 a failing test, 36 and the SIGXCPU codes
 # a timeout, 37 caught by the type checker; 0 survived; 5 and 33 no test calls the function.
-KILLED = {1, 3, 36, 37, -24, 24, 152, 255}
+TIMEOUTS = {36, -24, 24, 152}
+KILLED = {1, 3, 37, 255} | TIMEOUTS
 RECHECK = ROOT / "mutants" / "recheck.json"
 SURVIVED = {0}
 NO_TESTS = {5, 33}
@@ -152,6 +154,7 @@ def report(selected: list[str]) -> int:
         row["mutants"] += 1
         if code in KILLED:
             row["killed"] += 1
+            row["timed out"] += code in TIMEOUTS
             if name in equivalent:  # a test tells it apart: it is not equivalent
                 print(f"listed as equivalent but killed: {name}")
         elif name in equivalent:
@@ -168,6 +171,9 @@ def report(selected: list[str]) -> int:
         total.update(row)
         print(f"{module:32}" + "".join(f"{row[c]:>11}" for c in columns) + score(row))
     print(f"{'all':32}" + "".join(f"{total[c]:>11}" for c in columns) + score(total))
+    if total["timed out"]:
+        timed_out = total["timed out"]
+        print(f"\n{timed_out} of the killed timed out (on a quiet machine: --rerun-timeouts)")
     if unexplained:
         print(f"\n{len(unexplained)} mutants neither killed nor listed as equivalent:")
         print("\n".join(f"  {line}" for line in sorted(unexplained)))
@@ -226,6 +232,11 @@ def main() -> int:
     parser.add_argument(
         "--rerun-survivors", action="store_true", help="run the surviving mutants again"
     )
+    parser.add_argument(
+        "--rerun-timeouts",
+        action="store_true",
+        help="run the mutants that timed out again (on a busy machine a test can time out)",
+    )
     parser.add_argument("--recheck", nargs="+", metavar="FILE", help="test files, see above")
     parser.add_argument("--markdown", action="store_true", help="the tables for the docs")
     parser.add_argument("--recheck-worker", help=argparse.SUPPRESS)
@@ -241,12 +252,18 @@ def main() -> int:
     elif not args.report:
         mutmut = Path(sys.executable).with_name("mutmut")
         patterns = [f"{m}.*" for m in args.modules]
-        if args.rerun_survivors:
+        rerun = SURVIVED if args.rerun_survivors else TIMEOUTS if args.rerun_timeouts else set()
+        if rerun:
             # mutmut keeps every verdict; named mutants run again, new tests included.
-            patterns = [name for name, code in results().items() if code in SURVIVED]
+            patterns = [name for name, code in results().items() if code in rerun]
+            if not patterns:
+                return report(args.modules)
         # nice: the run takes every core it is given; the machine stays usable meanwhile.
         command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(args.max_children)]
-        env = {**os.environ, "PYTHONPATH": ""}  # import torch_accum from mutants/ only
+        # One torch thread per mutant and as many mutants as cores: more threads than cores
+        # make OpenMP spin against the other mutant (tests time out, runs take hours).
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env["PYTHONPATH"] = ""  # import torch_accum from mutants/ only
         subprocess.run([*command, *patterns], cwd=ROOT, env=env, check=False)
     return report(args.modules)
 

@@ -1,11 +1,16 @@
-"""Code that runs inside the 2-rank gloo process groups of test_distributed.py.
+"""Code that runs inside the process groups of test_distributed.py and test_uneven_inputs.py.
 
-Every rank trains the same model (same seed) on its own slice of one global batch; results
-go to ``OUT/rank{r}.pt`` for the test process to compare with single-process references.
+Every rank trains the same model (same seed) on its own slice of one global batch and
+returns its results for the test process to compare with single-process references. Each
+scenario runs two ways (``launch_ranks``): on gloo ranks that are processes (loopback, the
+real thing), and on ranks that are threads of the test process (torch's threaded process
+group), which take seconds and let mutation testing see which tests reach the library's
+distributed code (docs/testing.md).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -49,12 +54,17 @@ class Net(nn.Module):
         return self.head(x)
 
 
+# Ranks that are threads share torch's global generator: one seeded construction at a time.
+_SEEDING = threading.Lock()
+
+
 def make_net() -> Net:
-    return Net().double()
+    with _SEEDING:
+        return Net().double()
 
 
-def global_batches(steps: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
+def global_batches(steps: int, size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
     return [
         (
             torch.randn(size, FEATURES, generator=generator, dtype=torch.float64),
@@ -348,6 +358,34 @@ def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
     return results
 
 
+# Micro-batches per rank in the DDP pairs {0, 1} and {2, 3} of ddp_subgroups (K=4): each
+# pair ends on a partial window of its own length.
+SUBGROUP_COUNTS = (6, 5)
+
+
+def pair_micro_batches(pair: int, rank_in_pair: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = global_batches(2, 2 * 4 * 2, seed=1 + pair)
+    return rank_micro_batches(batches, rank_in_pair, 2, 4)[: SUBGROUP_COUNTS[pair]]
+
+
+def ddp_subgroups(rank: int, world: int) -> dict[str, Any]:
+    """Two DDP pairs of 4 ranks, each on its own data and count, in one default group.
+
+    The library's agreements and its averaging of the final partial window must stay inside
+    the model's own process group (on the default group the pairs would meet, or wait).
+    """
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+    pair = rank // 2
+    model = DDP(make_net(), process_group=groups[pair])
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, 4) as acc:
+        for x, y in pair_micro_batches(pair, rank % 2):
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"params": params_of(model.module), "steps": acc.optimizer_steps}
+
+
 # ----------------------------------------------------------------------------- uneven inputs
 UNEVEN_K = 2
 
@@ -488,3 +526,73 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 180) -> li
     if any(p.exitcode != 0 for p in processes) and not all(path.exists() for path in results):
         raise RuntimeError(f"{scenario} failed:\n{errors}")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
+
+
+def launch_in_threads(scenario: str, world: int = 2, timeout: float = 10) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` ranks that are threads of this process, bounded in time.
+
+    torch's threaded process group (its own tests' ``MultiThreadedTestCase``) gives each
+    thread its own default group; collectives are exchanged in memory.
+    """
+    from torch.testing._internal.distributed import multi_threaded_pg as threaded
+
+    results: list[dict[str, Any]] = [{} for _ in range(world)]
+    errors: dict[int, str] = {}
+    store = dist.HashStore()
+
+    def rank_main(rank: int) -> None:
+        try:
+            dist.init_process_group("threaded", rank=rank, world_size=world, store=store)
+            try:
+                results[rank] = globals()[scenario](rank, world)
+            finally:
+                dist.destroy_process_group()
+        except BaseException as error:
+            # SystemExit: the group woke this rank up because another one failed.
+            if not isinstance(error, SystemExit):
+                errors[rank] = traceback.format_exc()
+            threaded.ProcessLocalGroup.exception_handle(error)  # wakes the waiting ranks
+
+    multithreading = torch.autograd.is_multithreading_enabled()
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)
+    threaded._install_threaded_pg()
+    try:
+        threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(world)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        hung = any(thread.is_alive() for thread in threads)
+        if hung:
+            threaded.ProcessLocalGroup.exception_handle(TimeoutError())
+            for thread in threads:
+                thread.join(5)
+    finally:
+        threaded.ProcessLocalGroup.reset()
+        threaded._uninstall_threaded_pg()
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+        # torch 2.6 leaves autograd's device threads off after the threaded group.
+        torch.autograd.set_multithreading_enabled(multithreading)
+    report = "\n".join(errors[rank] for rank in sorted(errors))
+    if hung:
+        raise TimeoutError(f"{scenario}: ranks still running after {timeout} s\n{report}")
+    if errors:
+        raise RuntimeError(f"{scenario} failed:\n{report}")
+    return results
+
+
+RANKS = ("processes", "threads")
+
+
+def launch_ranks(
+    ranks: str, scenario: str, out: Path, world: int = 2, timeout: float = 180
+) -> list[dict[str, Any]]:
+    """``launch`` (``ranks="processes"``) or ``launch_in_threads`` (``"threads"``).
+
+    ``timeout`` bounds the processes, which start a Python each; threads take seconds, so a
+    hang shows there after ``launch_in_threads``'s own, shorter bound.
+    """
+    if ranks == "threads":
+        return launch_in_threads(scenario, world)
+    return launch(scenario, out, world, timeout)

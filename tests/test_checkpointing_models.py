@@ -217,6 +217,18 @@ def test_a_shared_layer_raises_naming_its_class_and_works_when_passed():
         torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=0)
 
 
+def test_the_no_blocks_error_names_at_most_eight_classes():
+    # Nine classes of modules with three layers each, none of them twice: no blocks.
+    units = []
+    for index in range(9):
+        unit = type(f"Unit{index}", (nn.Module,), {})()
+        unit.a, unit.b, unit.c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+        units.append(unit)
+    listed = ", ".join(f"Unit{index}" for index in range(8))
+    with pytest.raises(ValueError, match=rf"layers of their own: {listed}; pass the one"):
+        chosen(nn.Sequential(*units))
+
+
 # ----------------------------------------------------------------------------- KV caches
 class Config:
     """A Hugging Face style config: use_cache is on by default."""
@@ -331,6 +343,23 @@ def test_a_filled_cache_raises_naming_the_fix():
             model(x, mask.repeat(1, 2), past_key_values=cache)
         with torch.no_grad():  # nothing is recomputed there: the cache is used as given
             model(x, torch.ones(2, 10, dtype=torch.bool), past_key_values=cache)
+
+
+class CacheWithoutLength:
+    """A cache that cannot say how many tokens it holds (e.g. a legacy tuple cache)."""
+
+    def update(self, keys, layer):
+        return keys
+
+
+def test_a_cache_that_cannot_say_its_length_is_refused():
+    x, mask = cache_batch()
+    model = CachingModel()
+    with (
+        Accumulator(model, sgd(model), 2, checkpointing=True),
+        pytest.raises(ValueError, match=r"past_key_values= a cache that already holds tokens"),
+    ):
+        model(x, mask, past_key_values=CacheWithoutLength())
 
 
 # ----------------------------------------------------------------------------- mutated inputs

@@ -1,12 +1,21 @@
-"""DDP and FSDP2 on 2 CPU ranks (gloo, loopback): exact, one all-reduce per step, no hangs."""
+"""DDP and FSDP2 on 2 CPU ranks: exact, one all-reduce per step, no hangs.
+
+Every scenario runs on gloo ranks that are processes (loopback) and on ranks that are
+threads of the test process (see distributed_workers.py).
+"""
 
 import pytest
 import torch
 from distributed_workers import (
+    RANKS,
+    SUBGROUP_COUNTS,
     global_batches,
     launch,
+    launch_in_threads,
+    launch_ranks,
     make_net,
     make_optimizer,
+    pair_micro_batches,
     rank_micro_batches,
     weighted_reference,
 )
@@ -31,9 +40,34 @@ def reference(optimizer_name, batches):
     return [p.detach() for p in model.parameters()]
 
 
+def ranks_running(scenario, request):
+    """``scenario``'s results on ranks that are processes (once per module) or threads.
+
+    On threads it runs again for every test (a second or two): mutation testing maps the
+    library code each test reaches to that test only (docs/testing.md).
+    """
+    if request.param == "threads":
+        return launch_in_threads(scenario)
+    return request.getfixturevalue(f"{scenario}_in_processes")
+
+
+def pooled_windows(per_rank, count):
+    """The full batches of two ranks' first ``count`` micro-batches in windows of K."""
+    parts = [slice(start, min(start + K, count)) for start in range(0, count, K)]
+    return [
+        tuple(torch.cat([t[i] for micro in per_rank for t in micro[part]]) for i in (0, 1))
+        for part in parts
+    ]
+
+
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
+def ddp_scenarios_in_processes(tmp_path_factory):
     return launch("ddp_scenarios", tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(params=RANKS)
+def ddp(request):
+    return ranks_running("ddp_scenarios", request)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -88,11 +122,7 @@ def test_weighted_gives_the_global_mean_over_all_ranks(ddp):
 def test_a_final_partial_window_is_exact(ddp, key):
     # 6 micro-batches per rank with K=4: a window of 4 and one of 2, on both ranks.
     per_rank = [rank_micro_batches(global_batches(STEPS, 2 * K * B), r, 2, K)[:6] for r in (0, 1)]
-    windows = [
-        tuple(torch.cat([t[i] for r in (0, 1) for t in per_rank[r][part]]) for i in (0, 1))
-        for part in (slice(0, 4), slice(4, 6))
-    ]
-    expected = reference("sgd", windows)
+    expected = reference("sgd", pooled_windows(per_rank, 6))
     for rank in ddp:
         params = rank[key][0]
         for a, b in zip(params, expected, strict=True):
@@ -134,6 +164,19 @@ def test_declared_counts_train_exactly(ddp, key):
             torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("how", RANKS)
+def test_ddp_on_subgroups_agrees_and_averages_inside_the_models_group(how, tmp_path):
+    # Ranks {0, 1} and {2, 3} train two DDP models on their own data, 6 and 5 micro-batches.
+    ranks = launch_ranks(how, "ddp_subgroups", tmp_path, world=4)
+    for pair, count in enumerate(SUBGROUP_COUNTS):
+        per_rank = [pair_micro_batches(pair, r) for r in (0, 1)]
+        expected = reference("sgd", pooled_windows(per_rank, count))
+        for rank in ranks[2 * pair : 2 * pair + 2]:
+            assert rank["steps"] == 2
+            for a, b in zip(rank["params"], expected, strict=True):
+                torch.testing.assert_close(a, b, **TOL)
+
+
 # FSDP2 on CPU fails in torch 2.6 ("'Stream' object has no attribute 'record_event'");
 # torch 2.13, which CI pins, runs it.
 fsdp2_on_cpu = pytest.mark.skipif(
@@ -143,8 +186,13 @@ fsdp2_on_cpu = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory):
+def fsdp_scenarios_in_processes(tmp_path_factory):
     return launch("fsdp_scenarios", tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.fixture(params=RANKS)
+def fsdp(request):
+    return ranks_running("fsdp_scenarios", request)
 
 
 @fsdp2_on_cpu

@@ -859,3 +859,51 @@ def test_batches_whose_tensors_disagree_are_refused_naming_the_sizes():
             ValueError, match=r"\(sizes of dimension 0: \[4\], and a 0-d tensor\); every tensor"
         ):
             acc.step_batch((x, y, torch.tensor(1.0)), lambda micro: mse(model, micro[:2]))
+
+
+def test_state_dict_after_discard_saves_a_fresh_window():
+    # The dropped window is finished: resuming from here starts a new one, as a new run would.
+    def saved_window(micro_batches, discard):
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = Accumulator(model, optimizer, 3)
+        with acc:
+            for batch in make_batches(micro_batches, 4):
+                acc.backward(mse(model, batch))
+                optimizer.step()
+            if discard:
+                acc.discard()
+            window = acc.state_dict()["window"]
+        assert window.pop("losses").numel() == 0
+        return window
+
+    assert saved_window(2, discard=True) == saved_window(0, discard=False)
+
+
+# ----------------------------------------------------------------------------- memory.py
+def test_a_storage_that_an_out_argument_resizes_counts_its_new_size():
+    x = torch.ones(100)  # 400 bytes
+
+    def forward():
+        out = torch.empty(4)  # 16 bytes, grown to 400 in place
+        torch.mul(x, 2, out=out.resize_(100))
+        return out.sum()
+
+    memory = measure_activation_memory(forward, backward=False)
+    assert memory.peak == 400 + 4
+    assert memory.retained_after_forward == 4  # `out` is freed when forward returns
+
+
+def test_a_view_of_a_new_tensor_is_not_counted_again():
+    x = torch.ones(100)
+    memory = measure_activation_memory(lambda: (x * 2).view(10, 10)[0].sum(), backward=False)
+    assert memory.peak == 400 + 4
+
+
+def test_a_wrapper_subclass_counts_the_storages_of_its_inner_tensors():
+    # DTensor (FSDP2) is such a subclass: the memory is in the tensors it wraps.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = TwoTensor(torch.ones(100), torch.ones(100))
+    memory = measure_activation_memory(lambda: (x * 2).sum(), backward=False)
+    assert memory.peak == 2 * 400 + 2 * 4

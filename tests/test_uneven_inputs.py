@@ -1,13 +1,13 @@
 """Uneven or empty inputs never hang: every rank raises the same clear error within seconds.
 
-The matrix of issue 16 with real gloo process groups: DDP (with a BatchNorm, whose buffers
+The matrix of issue 16 with real gloo process groups, and again on ranks that are threads: DDP (with a BatchNorm, whose buffers
 DDP broadcasts in every forward) and FSDP2, 2 and 4 ranks, token weights on and off,
 ``total_micro_batches`` given or not, and four layouts of micro-batch counts per rank.
 """
 
 import pytest
 import torch
-from distributed_workers import launch, uneven_layouts
+from distributed_workers import RANKS, launch_ranks, uneven_layouts
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without distributed"
@@ -23,11 +23,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("how", RANKS)
 @pytest.mark.parametrize(("wrapper", "world"), CASES)
-def test_every_uneven_layout_raises_on_every_rank(wrapper, world, tmp_path):
+def test_every_uneven_layout_raises_on_every_rank(wrapper, world, how, tmp_path):
     if wrapper == "fsdp2" and not FSDP2_ON_CPU:
         pytest.skip("FSDP2 on CPU needs a newer torch than this one (tested with 2.13)")
-    ranks = launch(f"uneven_matrix_{wrapper}", tmp_path, world=world, timeout=240)
+    ranks = launch_ranks(how, f"uneven_matrix_{wrapper}", tmp_path, world=world, timeout=240)
     layouts = uneven_layouts(world)
     # Equal counts but different accumulation_steps (rank 0: 2, the others: 4).
     steps = [2] + [4] * (world - 1)
