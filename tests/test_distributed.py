@@ -4,6 +4,8 @@ Every scenario runs on gloo ranks that are processes (loopback) and on ranks tha
 threads of the test process (see distributed_workers.py).
 """
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 from distributed_workers import (
@@ -40,6 +42,29 @@ def reference(optimizer_name, batches):
     return [p.detach() for p in model.parameters()]
 
 
+class RanksOnDemand(Sequence):
+    """The ranks' results of a scenario, run when the test first reads them.
+
+    So they run in the test's call, not in fixture setup: mutmut times only the call and
+    bounds each mutant's run by those times (a setup it cannot see looks like a hang).
+    """
+
+    def __init__(self, scenario):
+        self.scenario = scenario
+        self.results = None
+
+    def ranks(self):
+        if self.results is None:
+            self.results = launch_in_threads(self.scenario)
+        return self.results
+
+    def __getitem__(self, index):
+        return self.ranks()[index]
+
+    def __len__(self):
+        return len(self.ranks())
+
+
 def ranks_running(scenario, request):
     """``scenario``'s results on ranks that are processes (once per module) or threads.
 
@@ -47,7 +72,7 @@ def ranks_running(scenario, request):
     library code each test reaches to that test only (docs/testing.md).
     """
     if request.param == "threads":
-        return launch_in_threads(scenario)
+        return RanksOnDemand(scenario)
     return request.getfixturevalue(f"{scenario}_in_processes")
 
 
