@@ -140,18 +140,17 @@ def weighted_reference() -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- scenarios
-def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    k, b, steps = 4, 2, 3
-    batches = global_batches(steps, world * k * b)
-    micro = rank_micro_batches(batches, rank, world, k)
+DDP_K, DDP_B, DDP_STEPS = 4, 2, 3
 
+
+def _ddp_exact(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
     for optimizer_name in ("sgd", "adamw"):
         for checkpointing in (False, True):
             syncs: list[int] = []
             model = ddp_model(syncs)
             optimizer = make_optimizer(optimizer_name, model.parameters())
-            acc = Accumulator(model, optimizer, k, checkpointing=checkpointing)
+            acc = Accumulator(model, optimizer, DDP_K, checkpointing=checkpointing)
             first_grads = None
             with acc:
                 for x, y in micro:
@@ -165,22 +164,29 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
             results["first_grads"] = first_grads
             results["flag_after"] = model.require_backward_grad_sync
             results["hooks_after"] = len(model._forward_pre_hooks)
+    return results
 
+
+def _ddp_naive(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # The naive loop: every micro-batch synchronises.
-    syncs = []
+    syncs: list[int] = []
     model = ddp_model(syncs)
     optimizer = make_optimizer("sgd", model.parameters())
     for index, (x, y) in enumerate(micro):
-        (nn.functional.mse_loss(model(x), y) / k).backward()
-        if (index + 1) % k == 0:
+        (nn.functional.mse_loss(model(x), y) / DDP_K).backward()
+        if (index + 1) % DDP_K == 0:
             optimizer.step()
             optimizer.zero_grad()
-    results["syncs/naive"] = len(syncs)
+    return {"syncs/naive": len(syncs)}
 
+
+def _ddp_weighted(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     model = ddp_model()
     train_weighted(model, rank)
-    results["weighted"] = params_of(model.module)
+    return {"weighted": params_of(model.module)}
 
+
+def _ddp_partial(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # A partial window at the end: 6 micro-batches with K=4, windows of 4 and 2.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
@@ -188,32 +194,38 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
         for x, y in micro[:6]:
             acc.backward(nn.functional.mse_loss(model(x), y))
             optimizer.step()
-    results["partial"] = (params_of(model.module), acc.optimizer_steps)
+    return {"partial": (params_of(model.module), acc.optimizer_steps)}
 
+
+def _ddp_partial_known_length(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # The same, with the block's length known: the last micro-batch synchronises in backward.
-    syncs = []
+    syncs: list[int] = []
     model = ddp_model(syncs)
     optimizer = make_optimizer("sgd", model.parameters())
     with Accumulator(model, optimizer, 4, total_micro_batches=6) as acc:
         for x, y in micro[:6]:
             acc.backward(nn.functional.mse_loss(model(x), y))
             optimizer.step()
-    results["partial_known_length"] = (params_of(model.module), len(syncs))
+    return {"partial_known_length": (params_of(model.module), len(syncs))}
 
+
+def _ddp_forwards_first(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # All of a window's forwards before its backwards (a contrastive loop; accelerate's
     # test_distributed_sync_multiple_fwd): no forward was marked to synchronise, so the
     # window is averaged when it closes instead of each rank stepping on its own gradient.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
-    with Accumulator(model, optimizer, k) as acc:
-        for start in range(0, len(micro), k):
-            losses = [nn.functional.mse_loss(model(x), y) for x, y in micro[start : start + k]]
+    with Accumulator(model, optimizer, DDP_K) as acc:
+        for start in range(0, len(micro), DDP_K):
+            losses = [nn.functional.mse_loss(model(x), y) for x, y in micro[start : start + DDP_K]]
             for loss in losses:
                 acc.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-    results["forwards_first"] = (params_of(model.module), acc.optimizer_steps)
+    return {"forwards_first": (params_of(model.module), acc.optimizer_steps)}
 
+
+def _ddp_restored_after_error(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # An error in the body restores DDP's flag and removes the hook.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
@@ -223,11 +235,12 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
             raise KeyError("boom")
     except KeyError:
         pass
-    results["restored_after_error"] = (
-        model.require_backward_grad_sync,
-        len(model._forward_pre_hooks),
-    )
+    return {
+        "restored_after_error": (model.require_backward_grad_sync, len(model._forward_pre_hooks))
+    }
 
+
+def _ddp_auto(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Auto micro-batching where only rank 0 runs out of memory: both ranks back off together.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
@@ -239,10 +252,12 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
         return nn.functional.mse_loss(model(micro[0]), micro[1])
 
     with acc:
-        for x, y in batches:
+        for x, y in global_batches(DDP_STEPS, world * DDP_K * DDP_B):
             acc.step_batch((x.chunk(world)[rank], y.chunk(world)[rank]), compute_loss)
-    results["auto"] = (params_of(model.module), acc.micro_batch_size, acc.oom_retries)
+    return {"auto": (params_of(model.module), acc.micro_batch_size, acc.oom_retries)}
 
+
+def _ddp_uneven(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Uneven inputs: rank 0 runs 7 micro-batches, rank 1 runs 5.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
@@ -252,10 +267,12 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
             for x, y in micro[: 7 if rank == 0 else 5]:
                 acc.backward(nn.functional.mse_loss(model(x), y))
                 optimizer.step()
-        results["uneven"] = None
+        return {"uneven": None}
     except UnevenInputsError as error:
-        results["uneven"] = str(error)
+        return {"uneven": str(error)}
 
+
+def _ddp_uneven_declared(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Uneven declared counts: one agreement at block entry refuses them on every rank.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
@@ -264,30 +281,73 @@ def ddp_scenarios(rank: int, world: int) -> dict[str, Any]:
         with acc:
             raise AssertionError("the block must not start")
     except UnevenInputsError as error:
-        results["uneven_declared"] = str(error)
+        return {"uneven_declared": str(error)}
 
+
+def _ddp_counted(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Declared equal counts: exact, with one agreement per block instead of one per step.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
-    with Accumulator(model, optimizer, k, total_micro_batches=len(micro)) as acc:
+    with Accumulator(model, optimizer, DDP_K, total_micro_batches=len(micro)) as acc:
         for x, y in micro:
             acc.backward(nn.functional.mse_loss(model(x), y))
             optimizer.step()
             optimizer.zero_grad()
-    results["counted"] = (params_of(model.module), acc.optimizer_steps)
+    return {"counted": (params_of(model.module), acc.optimizer_steps)}
 
+
+def _ddp_carried(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # partial_window="carry" with a declared length: the carried partial window is not
     # synchronised at the block's end (it would be averaged twice); two blocks of 6.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
-    acc = Accumulator(model, optimizer, k, partial_window="carry", total_micro_batches=6)
+    acc = Accumulator(model, optimizer, DDP_K, partial_window="carry", total_micro_batches=6)
     for block in (micro[:6], micro[6:]):
         with acc:
             for x, y in block:
                 acc.backward(nn.functional.mse_loss(model(x), y))
                 optimizer.step()
                 optimizer.zero_grad()
-    results["carried"] = (params_of(model.module), acc.optimizer_steps)
+    return {"carried": (params_of(model.module), acc.optimizer_steps)}
+
+
+# Each part of ddp_scenarios and the keys of the results it gives.
+DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
+    "exact": (
+        _ddp_exact,
+        ("exact/", "syncs/sgd/", "syncs/adamw/", "first_grads", "flag_after", "hooks_after"),
+    ),
+    "naive": (_ddp_naive, ("syncs/naive",)),
+    "weighted": (_ddp_weighted, ("weighted",)),
+    "partial": (_ddp_partial, ("partial",)),
+    "partial_known_length": (_ddp_partial_known_length, ("partial_known_length",)),
+    "forwards_first": (_ddp_forwards_first, ("forwards_first",)),
+    "restored_after_error": (_ddp_restored_after_error, ("restored_after_error",)),
+    "auto": (_ddp_auto, ("auto",)),
+    "uneven": (_ddp_uneven, ("uneven",)),
+    "uneven_declared": (_ddp_uneven_declared, ("uneven_declared",)),
+    "counted": (_ddp_counted, ("counted",)),
+    "carried": (_ddp_carried, ("carried",)),
+}
+
+
+def ddp_part_giving(key: str) -> str:
+    """The part of ddp_scenarios whose results hold ``key``."""
+    for part, (_, keys) in DDP_PARTS.items():
+        if key in keys or any(k.endswith("/") and key.startswith(k) for k in keys):
+            return part
+    raise KeyError(key)
+
+
+def ddp_scenarios(
+    rank: int, world: int, parts: tuple[str, ...] = tuple(DDP_PARTS)
+) -> dict[str, Any]:
+    """The DDP scenarios (all of them, or the given ``parts``), each on one global batch."""
+    batches = global_batches(DDP_STEPS, world * DDP_K * DDP_B)
+    micro = rank_micro_batches(batches, rank, world, DDP_K)
+    results: dict[str, Any] = {}
+    for part in parts:
+        results.update(DDP_PARTS[part][0](rank, world, micro))
     return results
 
 
@@ -528,7 +588,9 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 180) -> li
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
 
 
-def launch_in_threads(scenario: str, world: int = 2, timeout: float = 10) -> list[dict[str, Any]]:
+def launch_in_threads(
+    scenario: str, world: int = 2, timeout: float = 10, *args: Any
+) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` ranks that are threads of this process, bounded in time.
 
     torch's threaded process group (its own tests' ``MultiThreadedTestCase``) gives each
@@ -544,7 +606,7 @@ def launch_in_threads(scenario: str, world: int = 2, timeout: float = 10) -> lis
         try:
             dist.init_process_group("threaded", rank=rank, world_size=world, store=store)
             try:
-                results[rank] = globals()[scenario](rank, world)
+                results[rank] = globals()[scenario](rank, world, *args)
             finally:
                 dist.destroy_process_group()
         except BaseException as error:

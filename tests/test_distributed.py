@@ -11,6 +11,7 @@ import torch
 from distributed_workers import (
     RANKS,
     SUBGROUP_COUNTS,
+    ddp_part_giving,
     global_batches,
     launch,
     launch_in_threads,
@@ -43,26 +44,43 @@ def reference(optimizer_name, batches):
 
 
 class RanksOnDemand(Sequence):
-    """The ranks' results of a scenario, run when the test first reads them.
+    """A scenario's results on ranks that are threads, run when a test first reads them.
 
     So they run in the test's call, not in fixture setup: mutmut times only the call and
-    bounds each mutant's run by those times (a setup it cannot see looks like a hang).
+    bounds each mutant's run by those times (a setup it cannot see looks like a hang). Of
+    ddp_scenarios only the part that gives the key read runs: each test runs (and maps to)
+    the library code of its own scenario.
     """
 
-    def __init__(self, scenario):
+    def __init__(self, scenario, world=2):
         self.scenario = scenario
-        self.results = None
+        self.results = [{} for _ in range(world)]
 
-    def ranks(self):
-        if self.results is None:
-            self.results = launch_in_threads(self.scenario)
-        return self.results
+    def read(self, rank, key):
+        if key not in self.results[rank]:
+            parts = [(ddp_part_giving(key),)] if self.scenario == "ddp_scenarios" else []
+            found = launch_in_threads(self.scenario, len(self.results), 10, *parts)
+            for mine, theirs in zip(self.results, found, strict=True):
+                mine.update(theirs)
+        return self.results[rank][key]
 
-    def __getitem__(self, index):
-        return self.ranks()[index]
+    def __getitem__(self, rank):
+        if not 0 <= rank < len(self.results):
+            raise IndexError(rank)
+        return RankResults(self, rank)
 
     def __len__(self):
-        return len(self.ranks())
+        return len(self.results)
+
+
+class RankResults:
+    """One rank's results of a RanksOnDemand: ``results[key]``."""
+
+    def __init__(self, ranks, rank):
+        self.ranks, self.rank = ranks, rank
+
+    def __getitem__(self, key):
+        return self.ranks.read(self.rank, key)
 
 
 def ranks_running(scenario, request):
