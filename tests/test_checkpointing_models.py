@@ -5,6 +5,7 @@ a shared layer), Hugging Face style KV caches, inputs mutated after the forward 
 copies of the model inside the block, and the selective / every-n-th modes.
 """
 
+import collections
 import copy
 import io
 import logging
@@ -326,6 +327,7 @@ def test_explicit_use_cache_runs_without_the_cache(caplog):
         out.square().mean().backward()
     assert cache.get_seq_length() == 0
     assert "layers.0 runs with use_cache=False, past_key_values=None" in caplog.text
+    assert caplog.text.count("runs with use_cache=False") == 1  # said once, not per block
 
 
 def test_a_filled_cache_raises_naming_the_fix():
@@ -343,6 +345,42 @@ def test_a_filled_cache_raises_naming_the_fix():
             model(x, mask.repeat(1, 2), past_key_values=cache)
         with torch.no_grad():  # nothing is recomputed there: the cache is used as given
             model(x, torch.ones(2, 10, dtype=torch.bool), past_key_values=cache)
+
+
+class UseCacheLayer(nn.Module):
+    """Records the use_cache of every call; builds no cache itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.seen = []
+
+    def forward(self, x, use_cache=False):
+        self.seen.append(use_cache)
+        return x + self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class UseCacheModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(UseCacheLayer() for _ in range(2))
+
+    def forward(self, x, use_cache):
+        for layer in self.layers:
+            x = layer(x, use_cache=use_cache)
+        return x
+
+
+def test_use_cache_true_reaches_checkpointed_blocks_as_false_in_training():
+    model = UseCacheModel()
+    x = torch.randn(2, WIDTH)
+    with Accumulator(model, sgd(model), 2, checkpointing=True):
+        model(x, use_cache=True).sum().backward()  # the forward, then its recomputation
+        with torch.no_grad():  # nothing recomputed: the cache may be used
+            model(x, use_cache=True)
+        model(x, use_cache=False).sum().backward()
+    for layer in model.layers:
+        assert layer.seen == [False, False, True, False, False]
 
 
 class CacheWithoutLength:
@@ -413,6 +451,68 @@ def test_dense_layers_that_see_a_list_appended_to_later(mode):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
     for a, b in zip(model.buffers(), plain.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+Seen = collections.namedtuple("Seen", "tensors")
+
+
+class Fields:
+    """Not a tuple, though it has ``_fields`` like a namedtuple."""
+
+    _fields = ("tensors",)
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
+class SumBlock(nn.Module):
+    """Reads every tensor of a container the caller keeps appending to."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+
+    def forward(self, container):
+        tensors = container["tensors"] if isinstance(container, dict) else container.tensors
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(sum(tensors))))))
+
+
+class Gathering(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(SumBlock() for _ in range(3))
+        self.wrap = wrap
+
+    def forward(self, x):
+        seen = [x]
+        for block in self.blocks:
+            seen.append(block(self.wrap(seen)))  # the list the block saw grows afterwards
+        return seen[-1]
+
+
+@pytest.mark.parametrize(
+    "wrap", [lambda seen: {"tensors": seen}, Seen], ids=["dict_of_a_list", "namedtuple_of_a_list"]
+)
+def test_lists_inside_dicts_and_namedtuples_appended_to_later(wrap):
+    x = torch.randn(4, WIDTH)
+    plain = Gathering(wrap)
+    plain(x).square().mean().backward()
+    model = Gathering(wrap)
+    with Accumulator(model, sgd(model), 2, checkpointing=True) as acc:
+        model(x).square().mean().backward()
+    assert acc.checkpointed_modules == ("blocks.0", "blocks.1", "blocks.2")
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_objects_that_only_look_like_namedtuples_are_passed_as_they_are():
+    model = SumBlock()
+    stacked = Sequenced(nn.Sequential(model, SumBlock()))
+    container = Fields([torch.randn(4, WIDTH)])
+    with Accumulator(stacked, sgd(stacked), 2, checkpointing=True):
+        model(container).square().mean().backward()  # a checkpointed block, run directly
+    assert model.a.weight.grad is not None
 
 
 # ----------------------------------------------------------------------------- model copies

@@ -907,3 +907,76 @@ def test_a_wrapper_subclass_counts_the_storages_of_its_inner_tensors():
     x = TwoTensor(torch.ones(100), torch.ones(100))
     memory = measure_activation_memory(lambda: (x * 2).sum(), backward=False)
     assert memory.peak == 2 * 400 + 2 * 4
+
+
+# ----------------------------------------------------------------------------- _interception.py
+def test_gradients_changed_mid_window_name_the_first_parameter_that_changed():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(3, 4)
+    with (
+        pytest.raises(RuntimeError, match=r"parameter\(s\) \(e.g. 0.weight\) changed"),
+        Accumulator(model, optimizer, 3) as acc,
+    ):
+        acc.backward(mse(model, batches[0]))
+        mse(model, batches[1]).backward()
+        acc.backward(mse(model, batches[2]))
+
+
+def test_gradients_changed_mid_window_outside_the_model_name_the_shape():
+    model = make_model()
+    extra = [nn.Parameter(torch.ones(5, dtype=torch.float64)), nn.Parameter(torch.ones(2, 2))]
+    optimizer = torch.optim.SGD([*extra, *model.parameters()], lr=0.1)
+
+    def loss(batch):
+        return mse(model, batch) + extra[0].square().sum() + extra[1].square().sum()
+
+    batches = make_batches(3, 4)
+    with (
+        pytest.raises(RuntimeError, match=r"\(e.g. <parameter of shape \(5,\)>\) changed"),
+        Accumulator(model, optimizer, 3) as acc,
+    ):
+        acc.backward(loss(batches[0]))
+        loss(batches[1]).backward()
+        acc.backward(loss(batches[2]))
+
+
+# ----------------------------------------------------------------------------- _window.py
+def test_the_default_device_does_not_reach_the_windows_loss():
+    # Internal tensors name their device: a default device set by the user (here the meta
+    # device, where no tensor holds data) must not pull the window's loss weights onto it.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(2, 4)
+    losses = [mse(model, batch).item() for batch in batches]
+    with Accumulator(model, optimizer, 2) as acc, torch.device("meta"):
+        for index, batch in enumerate(batches):
+            acc.backward(mse(model, batch), weight=index + 1)
+            optimizer.step()
+        loss = acc.loss  # computed here, under the default device
+    torch.testing.assert_close(loss, (losses[0] + 2 * losses[1]) / 3, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- microbatch.py
+def test_a_replayed_batch_restores_the_cuda_random_state_when_cuda_is_in_use(monkeypatch):
+    # CI has no GPU: a stand-in CUDA RNG shows that its state is saved before a batch and
+    # put back before the batch is replayed in smaller micro-batches.
+    states = {"cuda": [torch.tensor([1])]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states["cuda"]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: states.update(cuda=new))
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto")
+
+    def compute_loss(micro):
+        if micro[0].shape[0] > 2:
+            states["cuda"] = [torch.tensor([99])]  # the failed attempt drew random numbers
+            raise torch.OutOfMemoryError("injected")
+        return mse(model, micro)
+
+    with acc:
+        acc.step_batch(make_batches(1, 8)[0], compute_loss)
+    assert acc.micro_batch_size == 2
+    assert [t.item() for t in states["cuda"]] == [1]
