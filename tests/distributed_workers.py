@@ -311,6 +311,38 @@ def _ddp_carried(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     return {"carried": (params_of(model.module), acc.optimizer_steps)}
 
 
+def _ddp_step_batch_sizes(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # step_batch on 6 samples on rank 0 and 10 on rank 1, in micro-batches of 4: one step on
+    # the mean over all 16 samples, although the ranks run 2 and 3 micro-batches.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    x, y = global_batches(1, 16)[0]
+    mine = slice(0, 6) if rank == 0 else slice(6, 16)
+    with Accumulator(model, optimizer, micro_batch_size=4) as acc:
+        acc.step_batch((x[mine], y[mine]), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+    return {"step_batch_sizes": params_of(model.module)}
+
+
+def _ddp_fixed_size_oom(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # A fixed micro-batch size does not replay: the rank out of memory raises its error, the
+    # others say why they stop too.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+
+    def compute_loss(m: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if rank == 0:
+            raise torch.OutOfMemoryError("injected on rank 0")
+        return nn.functional.mse_loss(model(m[0]), m[1])
+
+    x, y = global_batches(1, 8)[0]
+    try:
+        with Accumulator(model, optimizer, micro_batch_size=2) as acc:
+            acc.step_batch((x.chunk(world)[rank], y.chunk(world)[rank]), compute_loss)
+    except Exception as error:  # the test reads its type and message
+        return {"fixed_size_oom": f"{type(error).__name__}: {error}"}
+    return {"fixed_size_oom": None}
+
+
 # Each part of ddp_scenarios and the keys of the results it gives.
 DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "exact": (
@@ -328,6 +360,8 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "uneven_declared": (_ddp_uneven_declared, ("uneven_declared",)),
     "counted": (_ddp_counted, ("counted",)),
     "carried": (_ddp_carried, ("carried",)),
+    "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
+    "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
 }
 
 

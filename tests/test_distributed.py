@@ -207,6 +207,18 @@ def test_declared_counts_train_exactly(ddp, key):
             torch.testing.assert_close(a, b, **TOL)
 
 
+def test_step_batch_on_batches_of_different_sizes_gives_the_mean_over_all_samples(ddp):
+    expected = reference("sgd", global_batches(1, 16))
+    for rank in ddp:
+        for a, b in zip(rank["step_batch_sizes"], expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_out_of_memory_at_a_fixed_micro_batch_size_stops_every_rank_saying_why(ddp):
+    assert ddp[0]["fixed_size_oom"] == "OutOfMemoryError: injected on rank 0"
+    assert ddp[1]["fixed_size_oom"] == "RuntimeError: another rank ran out of memory"
+
+
 @pytest.mark.parametrize("how", RANKS)
 def test_ddp_on_subgroups_agrees_and_averages_inside_the_models_group(how, tmp_path):
     # Ranks {0, 1} and {2, 3} train two DDP models on their own data, 6 and 5 micro-batches.

@@ -171,6 +171,8 @@ class WindowDriver:
             self.seeds.release(seed, factor)
         window.add(relative_weight, loss)
         self.run.block_micro_batches += 1
+        if not window.synchronise_in_backward:
+            self.run.block_runner_micro_batches += 1
         if self.watch is not None:
             if window.count < window.length:
                 self.watch.record(self.optimizers)
@@ -213,6 +215,8 @@ class WindowDriver:
         window = self.run.window
         if uncount:
             self.run.block_micro_batches -= window.count
+            if not window.synchronise_in_backward:
+                self.run.block_runner_micro_batches -= window.count
         if not window.is_terminal:
             window.move_to(WindowState.DISCARDED, "acc.discard()")
         if self.watch is not None:
@@ -252,7 +256,12 @@ class WindowDriver:
         return self.probing or not (window.is_terminal or window.synchronise_in_backward)
 
     def micro_batches(self) -> int:
-        return self.run.block_micro_batches
+        """The block's micro-batches of acc.backward(), which the ranks compare.
+
+        Those of acc.step_batch() are left out: there ranks may cut batches of different
+        sizes into different numbers of pieces (its calls are agreed on instead).
+        """
+        return self.run.block_micro_batches - self.run.block_runner_micro_batches
 
     def accumulation_steps(self) -> int:
         return self.run.accumulation_steps

@@ -27,8 +27,9 @@ class RunState:
         # The last applied or skipped window, for acc.loss; its mean loss once computed.
         self.last_window: Window | None = None
         self.last_loss: float | None = None
-        # Micro-batches of the running ``with`` block.
+        # Micro-batches of the running ``with`` block, and how many of them acc.step_batch() ran.
         self.block_micro_batches = 0
+        self.block_runner_micro_batches = 0
 
     def finish_window(self) -> None:
         """Count a window that has just become terminal."""

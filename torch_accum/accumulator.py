@@ -276,7 +276,7 @@ class Accumulator:
             self._interception.install(self._driver, owner=self)
             if self._checkpointing is not None:
                 self._checkpointing.install()
-            self._run.block_micro_batches = 0
+            self._run.block_micro_batches = self._run.block_runner_micro_batches = 0
             if self._sync is not None:
                 self._sync.enter(self._driver, self.total_micro_batches)
         except BaseException:

@@ -221,6 +221,11 @@ class GradientSync:
 
     def close_window(self, window: Window, grads: list[torch.Tensor]) -> float:
         """Average a window that ended unsynchronised; return the uniform correction."""
+        # acc.step_batch() windows may differ in length across ranks (batches of different
+        # sizes): each rank undoes its own 1/length before the average, not after it.
+        runner = not window.synchronise_in_backward
+        if runner and grads:
+            torch._foreach_mul_(grads, float(window.length))
         if not self._window_synchronised():
             self.average_pending(grads)
         self._forward_flags.clear()
@@ -229,6 +234,8 @@ class GradientSync:
             return window.length / window.count
         # Averaged over R ranks the gradient is sum(w g) / (R K w_ref); make it sum(w g) / W.
         total = sum(self.agree(Step.WINDOW_WEIGHTS, window.weight_sum))
+        if runner:
+            return window.reference_weight * self.world_size / total
         self.shared_reference_weight = total / (self.world_size * window.count)
         return window.length * window.reference_weight * self.world_size / total
 
