@@ -34,9 +34,9 @@ def test_every_uneven_layout_raises_on_every_rank(wrapper, world, how, tmp_path)
     steps = [2] + [4] * (world - 1)
     for declared in (False, True):
         for rank in ranks:
-            assert f"different accumulation_steps (ranks 0..{world - 1}: {steps})" in (
-                rank[f"steps/{declared}"] or "nothing raised"
-            )
+            message = rank[f"steps/{declared}"] or "nothing raised"
+            assert f"different accumulation_steps (ranks 0..{world - 1}: {steps})" in message
+            assert message.endswith("give every rank the same accumulation_steps")
     matrix = [case for case in ranks[0] if case.count("/") == 2]
     assert len(matrix) == 4 * len(layouts)
     for case in matrix:
