@@ -218,16 +218,106 @@ def test_a_shared_layer_raises_naming_its_class_and_works_when_passed():
         torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=0)
 
 
+class Holder(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+
 def test_the_no_blocks_error_names_at_most_eight_classes():
-    # Nine classes of modules with three layers each, none of them twice: no blocks.
+    # Nine classes of modules with three layers each, none of them twice: no blocks. The
+    # Sequential holding them is a container, not a candidate.
     units = []
     for index in range(9):
         unit = type(f"Unit{index}", (nn.Module,), {})()
         unit.a, unit.b, unit.c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
         units.append(unit)
     listed = ", ".join(f"Unit{index}" for index in range(8))
-    with pytest.raises(ValueError, match=rf"layers of their own: {listed}; pass the one"):
-        chosen(nn.Sequential(*units))
+    with pytest.raises(
+        ValueError,
+        match=rf"layers of their own: {listed}; pass the one your model runs once per layer "
+        r"\(for one shared layer, that layer's class\)\. Say which",
+    ):
+        chosen(Holder(nn.Sequential(*units)))
+
+
+def test_the_no_blocks_error_without_candidates_says_how_to_choose():
+    with pytest.raises(
+        ValueError, match=r"cannot be seen from the module tree\. Say which"
+    ) as info:
+        chosen(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert "Classes of modules" not in str(info.value)
+
+
+def test_a_block_registered_again_inside_another_block_is_wrapped_once():
+    model = stack()
+    model.body[2].shared = model.body[0]  # e.g. tied layers
+    assert chosen(model) == ("body.1", "body.2")
+
+
+class ScaledBlock(nn.Module):
+    """A parameter of its own (a layer scale) and three layers: a block, not a piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(WIDTH))
+        self.fc1, self.norm, self.fc2 = (
+            nn.Linear(WIDTH, WIDTH),
+            nn.LayerNorm(WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+        )
+
+    def forward(self, x):
+        return x + self.gamma * self.fc2(self.norm(self.fc1(x)))
+
+
+class Scale(nn.Module):
+    """A layer: its own parameter and a child without parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(WIDTH))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x * self.weight)
+
+
+def test_blocks_with_a_parameter_of_their_own_and_a_layer_before_them():
+    model = Sequenced(nn.Sequential(Scale(), ScaledBlock(), ScaledBlock()))
+    assert chosen(model) == ("body.1", "body.2")
+    with pytest.raises(ValueError, match=r"layers of their own: ScaledBlock;"):
+        chosen(Sequenced(nn.Sequential(Scale(), ScaledBlock())))  # one block: none repeated
+
+
+class DoublingForward:
+    """An instance-level forward, as hooking libraries install: doubles the block's output."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, x):
+        return 2 * type(self.block).forward(self.block, x)
+
+
+def test_a_blocks_own_instance_forward_is_used_and_restored():
+    x = torch.randn(4, WIDTH)
+    plain = stack()
+    for block in plain.body:
+        block.forward = DoublingForward(block)
+    plain(x).square().mean().backward()
+    model = stack()
+    instance_forwards = [DoublingForward(block) for block in model.body]
+    for block, forward in zip(model.body, instance_forwards):
+        block.forward = forward
+    with Accumulator(model, sgd(model), 2, checkpointing=True):
+        model(x).square().mean().backward()
+        clone = copy.deepcopy(model)  # a copy keeps the instance forwards, unwrapped
+    assert [vars(block)["forward"] for block in model.body] == instance_forwards
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), plain(x), rtol=0, atol=0)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- KV caches
@@ -314,6 +404,28 @@ def test_kv_cache_is_switched_off_exact_and_restored(caplog):
     torch.testing.assert_close(got, out, rtol=0, atol=0)
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+class TaskModel(nn.Module):
+    """A head around a model with a config (AutoModelFor...): the config sits below the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = CachingModel()
+
+    def forward(self, x, attention_mask):
+        return self.inner(x, attention_mask)
+
+
+def test_the_config_of_a_submodule_is_switched_off_and_named(caplog):
+    model = TaskModel()
+    with (
+        caplog.at_level(logging.INFO, logger="torch_accum"),
+        Accumulator(model, sgd(model), 2, checkpointing=True),
+    ):
+        assert model.inner.config.use_cache is False
+    assert model.inner.config.use_cache is True
+    assert "set use_cache=False on inner.config for the `with` block" in caplog.text
 
 
 def test_explicit_use_cache_runs_without_the_cache(caplog):
