@@ -942,19 +942,21 @@ def test_gradients_changed_mid_window_outside_the_model_name_the_shape():
 
 
 # ----------------------------------------------------------------------------- _window.py
-def test_the_default_device_does_not_reach_the_windows_loss():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_default_device_does_not_reach_the_windows_loss(dtype):
     # Internal tensors name their device: a default device set by the user (here the meta
-    # device, where no tensor holds data) must not pull the window's loss weights onto it.
-    model = make_model()
+    # device, where no tensor holds data) must not pull the window's loss weights (or the
+    # gradient check's buffers) onto it.
+    model = make_model(dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = make_batches(2, 4)
+    batches = make_batches(2, 4, dtype)
     losses = [mse(model, batch).item() for batch in batches]
     with Accumulator(model, optimizer, 2) as acc, torch.device("meta"):
         for index, batch in enumerate(batches):
             acc.backward(mse(model, batch), weight=index + 1)
             optimizer.step()
         loss = acc.loss  # computed here, under the default device
-    torch.testing.assert_close(loss, (losses[0] + 2 * losses[1]) / 3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, (losses[0] + 2 * losses[1]) / 3, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------- microbatch.py
@@ -980,3 +982,110 @@ def test_a_replayed_batch_restores_the_cuda_random_state_when_cuda_is_in_use(mon
         acc.step_batch(make_batches(1, 8)[0], compute_loss)
     assert acc.micro_batch_size == 2
     assert [t.item() for t in states["cuda"]] == [1]
+
+
+# ----------------------------------------------------------------------------- _boundary.py
+def test_a_non_finite_window_with_max_grad_norm_is_skipped():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = make_batches(2, 4)
+    with Accumulator(model, optimizer, 2, max_grad_norm=1.0) as acc:
+        acc.backward(mse(model, batches[0]))
+        acc.backward(mse(model, batches[1]) * float("inf"))
+        optimizer.step()
+    assert (acc.optimizer_steps, acc.skipped_steps) == (0, 1)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_max_grad_norm_with_no_gradient_in_the_optimizer_steps_nothing():
+    # The optimizer holds a head the loss does not reach: nothing to clip, nothing changes.
+    model, head = make_model(), nn.Linear(3, 3).double()
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in head.parameters()]
+    with Accumulator(model, optimizer, 1, max_grad_norm=1.0) as acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        optimizer.step()
+    assert acc.optimizer_steps == 1
+    for p, b in zip(head.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_zero_grad_at_the_boundary_sets_gradients_to_none():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 2) as acc:
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()  # set_to_none=True, torch's default
+        assert acc.optimizer_steps == 1
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_empty_parameter_group_is_fine():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.add_param_group({"params": []})
+    with Accumulator(model, optimizer, 2) as acc:
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    assert acc.optimizer_steps == 1
+
+
+def test_the_default_dtype_does_not_reach_the_gradient_check():
+    # float32 gradients are scaled by a float32 factor (the kernel's), whatever the default.
+    def trained(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Accumulator(model, optimizer, 2) as acc:
+            for weight, batch in enumerate(make_batches(2, 4, torch.float32), start=1):
+                acc.backward(mse(model, batch), weight=weight)
+                optimizer.step()
+        return [p.detach() for p in model.parameters()]
+
+    expected = trained(make_model(torch.float32))
+    model = make_model(torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = trained(model)
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_one_element_losses_of_several_shapes_mix_in_a_window():
+    # Losses of shape (1,) and (1, 1) between scalar ones: the same update as all scalars.
+    def trained(shaped):
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Accumulator(model, optimizer, 4) as acc:
+            for index, batch in enumerate(make_batches(4, 4)):
+                loss = mse(model, batch)
+                shape = [(), (1,), (1, 1), (1,)][index] if shaped else ()
+                acc_loss = loss.reshape(shape)
+                acc.backward(acc_loss)
+                optimizer.step()
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(trained(True), trained(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_without_zero_grad_in_the_loop_a_parameter_left_out_of_a_window_rests():
+    # The library clears the last window's gradients itself (to None, as zero_grad() does):
+    # momentum does not move a parameter that no loss of the next window reaches.
+    model, head = make_model(), nn.Linear(3, 3).double()
+    optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+    (x, y), batch = make_batches(2, 4)
+    with Accumulator(model, optimizer, 1) as acc:
+        acc.backward(nn.functional.mse_loss(head(model(x)), y))
+        optimizer.step()
+        after_first = [p.detach().clone() for p in head.parameters()]
+        acc.backward(mse(model, batch))
+        optimizer.step()
+    for p, b in zip(head.parameters(), after_first, strict=True):
+        assert torch.equal(p, b)
