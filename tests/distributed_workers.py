@@ -343,6 +343,19 @@ def _ddp_fixed_size_oom(rank: int, world: int, micro: list[Any]) -> dict[str, An
     return {"fixed_size_oom": None}
 
 
+def _ddp_k1_syncs(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # K=1: every micro-batch ends its window, so DDP synchronises in every backward.
+    syncs: list[int] = []
+    model = ddp_model(syncs)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, 1) as acc:
+        for x, y in micro[:3]:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"k1_syncs": (len(syncs), acc.optimizer_steps)}
+
+
 # Each part of ddp_scenarios and the keys of the results it gives.
 DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "exact": (
@@ -362,6 +375,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "carried": (_ddp_carried, ("carried",)),
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
+    "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
 }
 
 

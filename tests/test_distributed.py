@@ -129,6 +129,7 @@ def test_one_gradient_all_reduce_per_optimizer_step(ddp):
             syncs, steps = rank[key]
             assert (syncs, steps) == (STEPS, STEPS)  # one bucket: one all-reduce per step
         assert rank["syncs/naive"] == K * STEPS
+        assert rank["k1_syncs"] == (3, 3)  # K=1: in every backward, none after it
 
 
 def test_forwards_before_backwards_are_synchronised_exactly(ddp):
