@@ -115,8 +115,12 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 WEIGHTED_SIZES = [[1, 5, 2, 4], [3, 3, 6, 1]]  # samples per micro-batch on rank 0 and 1
 
 
-def train_weighted(model: nn.Module, rank: int) -> None:
-    """One window of micro-batches of different sizes on the two ranks, weight = size."""
+def train_weighted(model: nn.Module, rank: int, unit: float = 1.0) -> None:
+    """One window of micro-batches of different sizes on the two ranks, weight = size * unit.
+
+    Every unit gives the same mean; one like 1/3, which no binary float holds exactly,
+    shows that the ranks sum their weights in float64.
+    """
     optimizer = make_optimizer("sgd", model.parameters())
     x, y = global_batches(1, 64)[0]
     offset = sum(WEIGHTED_SIZES[0]) if rank else 0
@@ -124,7 +128,7 @@ def train_weighted(model: nn.Module, rank: int) -> None:
         for size in WEIGHTED_SIZES[rank]:
             mx, my = x[offset : offset + size], y[offset : offset + size]
             offset += size
-            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size)
+            acc.backward(nn.functional.mse_loss(model(mx), my), weight=size * unit)
             optimizer.step()
 
 
@@ -184,6 +188,12 @@ def _ddp_weighted(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     model = ddp_model()
     train_weighted(model, rank)
     return {"weighted": params_of(model.module)}
+
+
+def _ddp_weighted_in_thirds(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    model = ddp_model()
+    train_weighted(model, rank, unit=1 / 3)
+    return {"weighted_in_thirds": params_of(model.module)}
 
 
 def _ddp_partial(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
@@ -364,6 +374,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     ),
     "naive": (_ddp_naive, ("syncs/naive",)),
     "weighted": (_ddp_weighted, ("weighted",)),
+    "weighted_in_thirds": (_ddp_weighted_in_thirds, ("weighted_in_thirds",)),
     "partial": (_ddp_partial, ("partial",)),
     "partial_known_length": (_ddp_partial_known_length, ("partial_known_length",)),
     "forwards_first": (_ddp_forwards_first, ("forwards_first",)),

@@ -154,12 +154,24 @@ def test_ddp_flags_and_hooks_are_restored(ddp):
         assert rank["restored_after_error"] == (True, 0)
 
 
-def test_weighted_gives_the_global_mean_over_all_ranks(ddp):
+@pytest.mark.parametrize("key", ["weighted", "weighted_in_thirds"])
+def test_weighted_gives_the_global_mean_over_all_ranks(ddp, key):
     # Rank 0 holds samples 0..11 in micro-batches of 1, 5, 2, 4; rank 1 samples 12..24.
     expected = weighted_reference()
     for rank in ddp:
-        for a, b in zip(rank["weighted"], expected, strict=True):
+        for a, b in zip(rank[key], expected, strict=True):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_ddp_on_a_single_rank_trains_like_one_process():
+    # torchrun --nproc_per_node=1: the agreements of one rank, a final partial window.
+    (rank,) = launch_in_threads("ddp_scenarios", 1, 10, ("partial",))
+    micro = rank_micro_batches(global_batches(STEPS, K * B), 0, 1, K)[:6]
+    expected = reference("sgd", pooled_windows([micro], 6))
+    params, steps = rank["partial"]
+    assert steps == 2
+    for a, b in zip(params, expected, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 @pytest.mark.parametrize("key", ["partial", "partial_known_length"])
