@@ -3,9 +3,9 @@
 mutmut (configured in setup.cfg, [mutmut]) copies the package to ``mutants/``, makes every
 mutant it can (flipped comparisons, changed numbers, dropped arguments, ...), records in one
 run of the suite which tests call which function, and runs each mutant against those tests
-only. Slow (more than an hour on 2 busy cores; it can be stopped and run again, and goes on
-where it stopped), so not in CI: run it before a release and record the score in
-docs/testing.md. See docs/testing.md for what the numbers mean.
+only, fastest first. Too slow for CI (docs/testing.md has the time of the latest run; it can
+be stopped and run again, and goes on where it stopped): run it before a release and record
+the score in docs/testing.md, which also says what the numbers mean.
 
     pip install -e ".[dev,mutation]"
     python benchmarks/mutation.py                        # everything, 2 workers, nice 19
