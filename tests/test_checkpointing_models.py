@@ -7,6 +7,7 @@ copies of the model inside the block, and the selective / every-n-th modes.
 
 import collections
 import copy
+import inspect
 import io
 import logging
 
@@ -468,6 +469,7 @@ class UseCacheLayer(nn.Module):
         self.seen = []
 
     def forward(self, x, use_cache=False):
+        """Adds an MLP of x to x."""
         self.seen.append(use_cache)
         return x + self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
@@ -761,3 +763,14 @@ def test_invalid_modes_name_the_argument_the_value_and_the_forms():
         chosen(model, 2.5)
     with pytest.raises(AttributeError):
         Checkpointing().mode = "selective"  # frozen
+
+
+def test_a_checkpointed_forward_keeps_the_name_signature_and_doc_of_the_forward():
+    # Hugging Face reads a block's forward signature (which arguments it takes).
+    model = UseCacheModel()
+    layer = model.layers[0]
+    plain = (layer.forward.__name__, inspect.signature(layer.forward), layer.forward.__doc__)
+    with Accumulator(model, sgd(model), 2, checkpointing=True):
+        assert "forward" in vars(layer)  # checkpointed
+        wrapped = (layer.forward.__name__, inspect.signature(layer.forward), layer.forward.__doc__)
+    assert wrapped == plain

@@ -1089,3 +1089,98 @@ def test_without_zero_grad_in_the_loop_a_parameter_left_out_of_a_window_rests():
         optimizer.step()
     for p, b in zip(head.parameters(), after_first, strict=True):
         assert torch.equal(p, b)
+
+
+def test_skipped_windows_are_counted_and_named_by_their_step():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(3, 4)
+    with Accumulator(model, optimizer, 1) as acc, pytest.warns(RuntimeWarning) as warned:
+        acc.backward(mse(model, batches[0]))  # step 1 is applied
+        optimizer.step()
+        for batch in batches[1:]:  # steps 2 and 3 are skipped
+            acc.backward(mse(model, batch) * float("inf"))
+            optimizer.step()
+    assert (acc.optimizer_steps, acc.skipped_steps) == (1, 2)
+    assert [str(w.message)[-24:] for w in warned] == [
+        "optimizer step 2 skipped",
+        "optimizer step 2 skipped",  # the count of applied steps has not moved
+    ]
+
+
+def test_a_micro_batch_weighing_twice_the_mean_of_its_window():
+    # K=2, weights 1 and 4: the second loss is scaled by 4 / 2 = 2 in backward.
+    model, reference = make_model(), make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(2, 4)
+    with Accumulator(model, optimizer, 2) as acc:
+        for weight, batch in zip((1, 4), batches, strict=True):
+            acc.backward(mse(model, batch), weight=weight)
+            optimizer.step()
+    ((mse(reference, batches[0]) + 4 * mse(reference, batches[1])) / 5).backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_a_parameter_group_added_in_the_middle_of_a_window():
+    model, head = make_model(), nn.Linear(3, 3).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = make_batches(2, 4)
+    with Accumulator(model, optimizer, 2) as acc:
+        acc.backward(mse(model, batches[0]))
+        optimizer.add_param_group({"params": head.parameters()})
+        acc.backward(nn.functional.mse_loss(head(model(batches[1][0])), batches[1][1]))
+        optimizer.step()
+    assert acc.optimizer_steps == 1
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_model_zero_grad_during_the_update_passes_through(set_to_none):
+    # A hook of the real optimizer step clears the model's gradients: that call is not the
+    # loop's, so it runs as written.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.register_step_post_hook(lambda *_: model.zero_grad(set_to_none=set_to_none))
+    with Accumulator(model, optimizer, 2) as acc:
+        for batch in make_batches(2, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+        assert acc.optimizer_steps == 1
+        grads = [p.grad for p in model.parameters()]
+    if set_to_none:
+        assert all(g is None for g in grads)
+    else:
+        assert all(g is not None and not g.any() for g in grads)
+
+
+def test_model_zero_grad_in_the_loop_clears_to_none_before_the_next_window():
+    # set_to_none=True (the default) is remembered for the clearing the window start does:
+    # a parameter no loss of the next window reaches keeps no gradient, and momentum rests.
+    model, head = make_model(), nn.Linear(3, 3).double()
+    optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+    (x, y), batch = make_batches(2, 4)
+    with Accumulator(model, optimizer, 1) as acc:
+        model.zero_grad()
+        acc.backward(nn.functional.mse_loss(head(model(x)), y))
+        optimizer.step()
+        after_first = [p.detach().clone() for p in head.parameters()]
+        model.zero_grad()
+        acc.backward(mse(model, batch))
+        optimizer.step()
+    for p, b in zip(head.parameters(), after_first, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_zero_grad_of_a_copy_made_inside_the_block_clears_the_copy_as_usual():
+    import copy
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 2):
+        clone = copy.deepcopy(model)  # carries the patched zero_grad along
+        mse(clone, make_batches(1, 4)[0]).backward()
+        clone.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in clone.parameters())
+        clone.zero_grad()
+        assert all(p.grad is None for p in clone.parameters())
