@@ -1184,3 +1184,32 @@ def test_zero_grad_of_a_copy_made_inside_the_block_clears_the_copy_as_usual():
         assert all(p.grad is not None and not p.grad.any() for p in clone.parameters())
         clone.zero_grad()
         assert all(p.grad is None for p in clone.parameters())
+
+
+def test_a_step_closure_is_refused_naming_the_optimizer_class():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        Accumulator(model, optimizer, 2) as acc,
+        pytest.raises(TypeError, match=r"call SGD\.step\(\) without a closure"),
+    ):
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        optimizer.step(lambda: None)
+
+
+def test_a_step_called_inside_the_update_passes_through_with_its_arguments():
+    model = make_model()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append("closure")
+
+    # A hook of the first optimizer's real step steps the second one, with a closure.
+    first.register_step_post_hook(lambda *_: (second.step(closure), second.step(closure=closure)))
+    with Accumulator(model, [first, second], 1) as acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+        first.step()
+        second.step()
+    assert calls == ["closure", "closure"]
