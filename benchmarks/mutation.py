@@ -252,7 +252,9 @@ def main() -> int:
     elif not args.report:
         mutmut = Path(sys.executable).with_name("mutmut")
         patterns = [f"{m}.*" for m in args.modules]
-        rerun = SURVIVED if args.rerun_survivors else TIMEOUTS if args.rerun_timeouts else set()
+        rerun = (SURVIVED if args.rerun_survivors else set()) | (
+            TIMEOUTS if args.rerun_timeouts else set()
+        )
         if rerun:
             # mutmut keeps every verdict; named mutants run again, new tests included.
             patterns = [name for name, code in results().items() if code in rerun]
