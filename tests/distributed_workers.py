@@ -366,6 +366,35 @@ def _ddp_k1_syncs(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     return {"k1_syncs": (len(syncs), acc.optimizer_steps)}
 
 
+def _ddp_mixed_calls(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # Rank 0 starts acc.step_batch() where rank 1 runs a forward for acc.backward().
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    x, y = micro[0]
+    try:
+        with Accumulator(model, optimizer, 2, micro_batch_size=4) as acc:
+            if rank == 0:
+                acc.step_batch((x, y), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+            else:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+    except UnevenInputsError as error:
+        return {"mixed_calls": str(error)}
+    return {"mixed_calls": None}
+
+
+def _ddp_sync_each(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # sync_each_micro_batch=True: DDP synchronises in every backward, as without accumulation.
+    syncs: list[int] = []
+    model = ddp_model(syncs)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with Accumulator(model, optimizer, DDP_K, sync_each_micro_batch=True) as acc:
+        for x, y in micro:
+            acc.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"sync_each": (params_of(model.module), len(syncs), acc.optimizer_steps)}
+
+
 # Each part of ddp_scenarios and the keys of the results it gives.
 DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "exact": (
@@ -387,6 +416,8 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
+    "mixed_calls": (_ddp_mixed_calls, ("mixed_calls",)),
+    "sync_each": (_ddp_sync_each, ("sync_each",)),
 }
 
 

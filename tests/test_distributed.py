@@ -199,8 +199,29 @@ def test_auto_micro_batching_backs_off_on_every_rank_together(ddp):
 
 def test_uneven_inputs_raise_on_every_rank(ddp):
     for rank in ddp:
-        assert rank["uneven"] is not None
-        assert "ranks ran different numbers of micro-batches" in rank["uneven"]
+        assert rank["uneven"].startswith(
+            "ranks ran different numbers of micro-batches: a rank left the with block (rank 0 "
+            "ran 5 micro-batches, then started another forward; rank 1 ran 5 micro-batches, "
+            "then left the with block). Every rank must run"
+        )
+
+
+def test_ranks_at_different_calls_raise_naming_each_call(ddp):
+    for rank in ddp:
+        assert rank["mixed_calls"].startswith(
+            "ranks are not at the same point of this with block (rank 0 ran 0 micro-batches, "
+            "then started acc.step_batch(); rank 1 ran 0 micro-batches, then started another "
+            "forward). Every rank must run"
+        )
+
+
+def test_sync_each_micro_batch_synchronises_every_backward_and_stays_exact(ddp):
+    expected = reference("sgd", global_batches(STEPS, 2 * K * B))
+    for rank in ddp:
+        params, syncs, steps = rank["sync_each"]
+        assert (syncs, steps) == (K * STEPS, STEPS)
+        for a, b in zip(params, expected, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
 
 
 def test_uneven_declared_counts_raise_at_block_entry_naming_each_rank(ddp):

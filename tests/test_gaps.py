@@ -1213,3 +1213,44 @@ def test_a_step_called_inside_the_update_passes_through_with_its_arguments():
         first.step()
         second.step()
     assert calls == ["closure", "closure"]
+
+
+# ----------------------------------------------------------------------------- construction
+def test_micro_batches_of_one_sample_train_like_the_full_batch():
+    model, reference = make_model(), make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = make_batches(1, 3)[0]
+    with Accumulator(model, optimizer, micro_batch_size=1) as acc:
+        acc.step_batch(batch, lambda micro: mse(model, micro))
+    mse(reference, batch).backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "argument", ["micro_batch_size", "total_micro_batches", "probe_up_after", "memory_budget"]
+)
+def test_counts_refuse_booleans(argument):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    extra = {"micro_batch_size": "auto"} if argument in ("probe_up_after", "memory_budget") else {}
+    with pytest.raises(ValueError, match=rf"{argument} must be .*got True \(bool\)"):
+        Accumulator(model, optimizer, **extra, **{argument: True})
+
+
+def test_defaults_and_attributes_of_a_new_accumulator():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    acc = Accumulator(model, optimizer, scheduler=scheduler)
+    assert (acc.accumulation_steps, acc.scheduler, acc.loss) == (1, scheduler, None)
+    with pytest.raises(TypeError, match=r"sync_each_micro_batch must be True or False"):
+        Accumulator(model, optimizer, sync_each_micro_batch="yes")
+
+
+def test_sizing_arguments_without_auto_are_refused():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"max_micro_batch_size"):
+        Accumulator(model, optimizer, micro_batch_size=4, max_micro_batch_size=8)
