@@ -108,7 +108,9 @@ def recheck_worker(names: list[str], files: list[str]) -> None:
                 covering[function].append(item.nodeid)
             state()._stats.clear()
 
+    # Ranks that are processes run outside this process, where no mutant is seen.
     quiet = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--no-header", "-rN"]
+    quiet += ["-k", "not processes"]
     os.environ["MUTANT_UNDER_TEST"] = "stats"
     pytest.main([*quiet, *files], plugins=[Coverage()])
 
