@@ -77,9 +77,11 @@ def rechecked() -> dict[str, tuple[int, str]]:
 
 def recheck(files: list[str]) -> None:
     """Run every survivor against the tests in ``files`` that reach its function."""
-    names = [name for name, code in results().items() if code in SURVIVED]
-    for file in files:  # mutants/ holds a copy of tests/ from the start of the run
-        shutil.copy(ROOT / file, ROOT / "mutants" / file)
+    equivalent = equivalent_mutants()
+    names = [n for n, code in results().items() if code in SURVIVED and n not in equivalent]
+    # mutants/ holds a copy of tests/ from the start of the run: bring all of it up to date,
+    # helpers included, so that the tests run here are the ones in the repository.
+    shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True)
     command = [sys.executable, __file__, "--recheck-worker", json.dumps(names), *files]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "mutants")}
     subprocess.run(["nice", "-n", "19", *command], cwd=ROOT / "mutants", env=env, check=True)
@@ -112,7 +114,9 @@ def recheck_worker(names: list[str], files: list[str]) -> None:
     quiet = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--no-header", "-rN"]
     quiet += ["-k", "not processes"]
     os.environ["MUTANT_UNDER_TEST"] = "stats"
-    pytest.main([*quiet, *files], plugins=[Coverage()])
+    if pytest.main([*quiet, *files], plugins=[Coverage()]) != 0:
+        # A test that fails without a mutant would count every mutant it reaches as killed.
+        raise SystemExit("--recheck: the tests fail on the unmutated package; fix them first")
 
     def too_slow(*_: Any) -> None:
         raise TimeoutError("mutant ran too long")

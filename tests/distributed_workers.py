@@ -10,9 +10,12 @@ distributed code (docs/testing.md).
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -52,6 +55,32 @@ class Net(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+
+class _ThisThreadsRecords(logging.Handler):
+    """Warning messages logged by the thread that made it (each rank, when ranks are threads)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+class Poisoned(nn.Module):
+    """A Net plus a parameter whose gradient is ``poison``: one element's gradient can be
+    made inf without touching any other gradient."""
+
+    def __init__(self, world: int) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.probe = nn.Parameter(torch.ones(world, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, poison: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x), (self.probe * poison).sum()
 
 
 # Ranks that are threads share torch's global generator: one seeded construction at a time.
@@ -505,6 +534,33 @@ def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
         results["partial_unknown_length"] = None
     except RuntimeError as error:
         results["partial_unknown_length"] = str(error)
+
+    # Rank 1 poisons the gradient of probe[0], which after the reduce-scatter only rank 0's
+    # shard holds: every rank must still skip that window (and apply the next one).
+    model = Poisoned(world)
+    for block in model.net.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = make_optimizer("sgd", model.parameters())
+    poison = torch.zeros(world, dtype=torch.float64)
+    if rank == 1:
+        poison[0] = math.inf
+    params = []
+    # The log, not warnings: ranks that are threads share the warnings filters.
+    messages = _ThisThreadsRecords()
+    logging.getLogger("torch_accum").addHandler(messages)
+    with Accumulator(model, optimizer, 2) as acc, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index, (x, y) in enumerate(micro[:4]):
+            out, penalty = model(x, poison if index == 0 else torch.zeros_like(poison))
+            acc.backward(nn.functional.mse_loss(out, y) + penalty)
+            optimizer.step()
+            optimizer.zero_grad()
+            if acc.sync_gradients:
+                params.append(full_params(model))
+    logging.getLogger("torch_accum").removeHandler(messages)
+    found = messages.messages
+    results["nonfinite_on_one_shard"] = (acc.skipped_steps, acc.optimizer_steps, params, found)
     return results
 
 

@@ -309,3 +309,19 @@ def test_fsdp2_weighted_gives_the_global_mean_and_sync_is_restored(fsdp):
         for a, b in zip(rank["weighted"], expected, strict=True):
             torch.testing.assert_close(a, b, **TOL)
         assert rank["synchronises_after_error"]
+
+
+@fsdp2_on_cpu
+def test_fsdp2_non_finite_gradient_in_one_shard_skips_on_every_rank(fsdp):
+    # Without a scaler or clipping each rank checks its own shards; the inf lands in one.
+    initial = [p.detach() for p in make_net().parameters()]
+    for rank_index, rank in enumerate(fsdp):
+        skipped, steps, (after_first, after_second), messages = rank["nonfinite_on_one_shard"]
+        assert (skipped, steps) == (1, 1)
+        where = ["1 parameter(s): probe", "a parameter shard held by another rank"][rank_index]
+        assert messages == [f"non-finite gradient in {where}: optimizer step 1 skipped"]
+        probe, *net = after_first  # a module's own parameters come before its children's
+        torch.testing.assert_close(probe, torch.ones(2, dtype=torch.float64), rtol=0, atol=0)
+        for a, b in zip(net, initial, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(after_second[1], initial[0])

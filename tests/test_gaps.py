@@ -501,6 +501,46 @@ def test_zero_grad_before_the_first_backward_clears_gradients_left_from_before(c
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- _gradients.py
+def test_one_backward_seed_per_factor_is_reused_across_micro_batches(monkeypatch):
+    # Seeding backward with the factor saves an allocation per micro-batch only if the seed
+    # is kept: every micro-batch of a K=4 run starts backward from the same tensor.
+    seeds = []
+    backward = torch.autograd.backward
+
+    def recording(tensors, grad_tensors=None, *args, **kwargs):
+        seeds.append(grad_tensors)
+        return backward(tensors, grad_tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", recording)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 4) as acc:
+        for batch in make_batches(8, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len(seeds) == 8
+    assert all(seed is seeds[0] for seed in seeds)
+    assert seeds[0].item() == 0.25 and seeds[0]._version == 0
+
+
+def test_a_seed_that_is_not_the_cached_one_is_left_alone():
+    from torch_accum._gradients import BackwardSeeds
+
+    seeds = BackwardSeeds()
+    loss = torch.tensor(2.0, dtype=torch.float64)
+    seeds.release(torch.full_like(loss, 0.5), 0.5)  # nothing cached yet: nothing to forget
+    cached = seeds.get(loss, 0.5)
+    stranger = torch.full_like(loss, 0.5)
+    stranger.add_(0)  # changed, as a seed autograd adopted would be
+    seeds.release(stranger, 0.5)
+    assert seeds.get(loss, 0.5) is cached
+    cached.add_(0)
+    seeds.release(cached, 0.5)  # the cached seed changed: a new one from now on
+    assert seeds.get(loss, 0.5) is not cached
+
+
 # ----------------------------------------------------------------------------- microbatch.py
 def test_memory_budget_sizing_starts_from_a_four_sample_probe():
     # The 4-sample probe's peak per sample gives the first guess; a bisection on measured

@@ -184,6 +184,8 @@ class BoundaryUpdate:
         names = self._nonfinite_parameter_names()
         more = " ..." if len(names) > 5 else ""
         where = f"{len(names)} parameter(s): {', '.join(names[:5])}{more}"
+        if not names:  # FSDP2: the inf/NaN is in a shard that another rank holds
+            where = "a parameter shard held by another rank"
         if self.on_nonfinite == "raise":
             for optimizer in self.optimizers:
                 optimizer.zero_grad(set_to_none=True)
