@@ -180,6 +180,24 @@ def test_decoder_layers_with_two_attentions_are_blocks_not_stages():
     assert chosen(model) == ("embeddings", "layers.0", "layers.1", "layers.2")
 
 
+class TwoPartBlock(nn.Module):
+    """A block of two sub-modules and no norm of its own (parallel attention + MLP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = LinearNormAct()
+        self.mlp = InvertedResidual()
+
+    def forward(self, x):
+        return x + self.mix(x) + self.mlp(x)
+
+
+def test_a_block_of_two_sub_blocks_is_a_block_not_a_piece():
+    # Two members with parameters, but not layers: a block, so the stem before it counts.
+    model = Sequenced(nn.Sequential(LinearNormAct(), TwoPartBlock(), TwoPartBlock()))
+    assert chosen(model) == ("body.0", "body.1", "body.2")
+
+
 class SharedStack(nn.Module):
     """ALBERT: one layer, called `depth` times."""
 

@@ -501,6 +501,73 @@ def test_zero_grad_before_the_first_backward_clears_gradients_left_from_before(c
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("loop_clears", ["never", "after_step"])
+def test_gradients_written_between_blocks_are_refused_at_the_next_window(loop_clears):
+    # A loss.backward() after a block (a gradient-norm diagnostic, say) used to be added
+    # silently to the next block's first window.
+    batches = make_batches(5, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2)
+
+    def block(part):
+        with acc:
+            for batch in part:
+                acc.backward(mse(model, batch))
+                optimizer.step()
+                if loop_clears == "after_step":
+                    optimizer.zero_grad()
+
+    block(batches[:2])
+    mse(model, batches[4]).backward()
+    with pytest.raises(RuntimeError, match=r"parameters \(e.g. 0.weight\) have gradients that "):
+        block(batches[2:4])
+    assert acc.optimizer_steps == 1
+    optimizer.zero_grad()  # what the message asks for
+    block(batches[2:4])
+    assert acc.optimizer_steps == 2
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradients_cleared_between_blocks_or_at_the_top_of_the_loop_are_fine(set_to_none):
+    batches = make_batches(5, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 2) as acc:
+        for batch in batches[:2]:
+            optimizer.zero_grad(set_to_none=set_to_none)
+            acc.backward(mse(model, batch))
+            optimizer.step()
+        mse(model, batches[4]).backward()  # inside the block, but cleared at the loop's top
+        for batch in batches[2:4]:
+            optimizer.zero_grad(set_to_none=set_to_none)
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    reference = make_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for part in (batches[:2], batches[2:4]):
+        ref_optimizer.zero_grad()
+        mse(
+            reference, (torch.cat([x for x, _ in part]), torch.cat([y for _, y in part]))
+        ).backward()
+        ref_optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_discard_outside_the_block_clears_parameters_outside_the_model_to_none():
+    # A parameter the optimizer trains but the model does not hold (a learned loss scale).
+    model = make_model()
+    temperature = nn.Parameter(torch.ones((), dtype=torch.float64))
+    optimizer = torch.optim.SGD([*model.parameters(), temperature], lr=0.1)
+    acc = Accumulator(model, optimizer, 4, partial_window="carry")
+    with acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]) * temperature)
+    assert temperature.grad is not None
+    assert acc.discard() == 1
+    assert temperature.grad is None
+
+
 # ----------------------------------------------------------------------------- _gradients.py
 def test_one_backward_seed_per_factor_is_reused_across_micro_batches(monkeypatch):
     # Seeding backward with the factor saves an allocation per micro-batch only if the seed

@@ -138,6 +138,9 @@ class WindowDriver:
     ) -> Window:
         """Begin a window (or set up an empty one) whose first micro-batch weighs this."""
         window = self.run.window
+        if window.is_terminal and self.watch is not None:
+            cleared = [self.optimizers[index] for index in sorted(window.cleared_by_loop)]
+            self.watch.check_cleared(cleared, self.boundary.parameter_names)
         if window.is_terminal or by_runner:
             self.clear_stale_gradients()
             window = self.run.window = Window(length)

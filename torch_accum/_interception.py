@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from torch_accum._gradients import has_nonzero
 from torch_accum._patching import MethodPatches, patch_owner
 
 
@@ -243,6 +244,37 @@ class GradientWatch:
     def forget(self) -> None:
         """Drop the references, so that a cleared gradient's memory is freed at once."""
         self._seen = []
+
+    @staticmethod
+    def check_cleared(
+        optimizers: Sequence[torch.optim.Optimizer], names: Callable[[], dict[int, str]]
+    ) -> None:
+        """Refuse gradients written after a finished window was cleared, before the next one.
+
+        ``optimizers`` had their gradients cleared (to None or zeros) when the last window
+        ended; whatever they hold now came from outside ``acc.backward`` (a
+        ``loss.backward()`` between two with blocks, say) and would be added to the next
+        update. Watched as between micro-batches: the first and last parameter of every
+        param group; a gradient that is there is read (one sync each, once per window).
+        """
+        written = [
+            param
+            for optimizer in optimizers
+            for group in optimizer.param_groups
+            for param in group["params"][:1] + group["params"][-1:]
+            if param.grad is not None
+        ]
+        if not written or not has_nonzero([param.grad for param in written]):
+            return
+        lookup = names()
+        example = lookup.get(id(written[0]), f"<parameter of shape {tuple(written[0].shape)}>")
+        raise RuntimeError(
+            f"parameters (e.g. {example}) have gradients that were written after the last "
+            "optimizer step cleared them and before this window's first acc.backward(), so "
+            "they would be added to its update. Something other than acc.backward() wrote "
+            "them, such as a loss.backward() between two with blocks: clear them with "
+            "optimizer.zero_grad() before the next acc.backward(), or use acc.backward(loss)"
+        )
 
     def check(self, names: Callable[[], dict[int, str]]) -> None:
         changed = [
