@@ -193,6 +193,32 @@ def test_non_finite_warning_shows_the_shape_of_a_parameter_outside_the_model():
     )
 
 
+def test_a_tensor_learning_rate_is_never_read_back_to_the_host():
+    # The learning-rate check skips tensor rates: reading one is a device sync per window
+    # (on CPU too it goes through aten._local_scalar_dense, which is what this counts).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lr = torch.tensor(0.1, dtype=torch.float64)
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and args[0] is lr:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with Accumulator(model, optimizer, 2) as acc, CountReads():
+        for batch in make_batches(4, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert acc.optimizer_steps == 2
+    assert CountReads.reads == 0
+
+
 # ----------------------------------------------------------------------------- resumable state
 def pending_state(k=3, micro_batches=1, weight=None, dtype=torch.float64):
     model = make_model(dtype)
