@@ -1042,6 +1042,18 @@ def test_a_wrapper_subclass_counts_the_storages_of_its_inner_tensors():
     assert memory.peak == 2 * 400 + 2 * 4
 
 
+def test_parameters_may_be_a_single_tensor():
+    weight = nn.Parameter(torch.ones(100, 4))
+    x = torch.ones(4)
+
+    def measure(parameters):
+        weight.grad = torch.zeros_like(weight)  # backward adds a fresh gradient into it
+        return measure_activation_memory(lambda: (weight @ x).sum(), parameters=parameters)
+
+    assert measure(weight) == measure([weight])
+    assert measure(weight).peak < measure([]).peak  # the fresh gradient is left out
+
+
 # ----------------------------------------------------------------------------- _interception.py
 def test_gradients_changed_mid_window_name_the_first_parameter_that_changed():
     model = make_model()
