@@ -37,6 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
+SURVIVORS = Path(__file__).with_name("mutation_survivors.txt")
 # mutmut's exit codes (mutmut/stats.py): 1 and 3 a failing test, 36 and the SIGXCPU codes
 # a timeout, 37 caught by the type checker; 0 survived; 5 and 33 no test calls the function.
 TIMEOUTS = {36, -24, 24, 152}
@@ -48,8 +49,21 @@ NO_TESTS = {5, 33}
 
 def equivalent_mutants() -> dict[str, str]:
     """``mutant name -> reason`` from mutation_equivalent.txt (``#`` starts a comment line)."""
+    return reasons(EQUIVALENT)
+
+
+def explained_survivors() -> dict[str, str]:
+    """``mutant name -> why no test here kills it`` from mutation_survivors.txt.
+
+    These are not equivalent and count against the score: they need hardware the run does
+    not have (a CUDA device), or their one observable effect is not pinned yet.
+    """
+    return reasons(SURVIVORS)
+
+
+def reasons(path: Path) -> dict[str, str]:
     found: dict[str, str] = {}
-    for line in EQUIVALENT.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, _, reason = line.strip().partition(" ")
             found[name] = reason.strip()
@@ -144,10 +158,10 @@ def module_of(mutant: str) -> str:
 
 def report(selected: list[str]) -> int:
     """Print the table and the unexplained survivors; 0 if the score is at least 95%."""
-    equivalent = equivalent_mutants()
+    equivalent, explained = equivalent_mutants(), explained_survivors()
     known = results()
-    for name in sorted(set(equivalent) - set(known)):
-        print(f"mutation_equivalent.txt names an unknown mutant: {name}")
+    for name in sorted((set(equivalent) | set(explained)) - set(known)):
+        print(f"a mutant listed in benchmarks/mutation_*.txt is unknown: {name}")
     codes = {
         name: code
         for name, code in known.items()
@@ -161,15 +175,16 @@ def report(selected: list[str]) -> int:
         if code in KILLED:
             row["killed"] += 1
             row["timed out"] += code in TIMEOUTS
-            if name in equivalent:  # a test tells it apart: it is not equivalent
-                print(f"listed as equivalent but killed: {name}")
+            if name in equivalent or name in explained:  # killed: the reason is stale
+                print(f"listed as equivalent or surviving but killed: {name}")
         elif name in equivalent:
             row["equivalent"] += 1
         elif code is None:
             row["not run"] += 1
         else:
             row["no tests" if code in NO_TESTS else "survived"] += 1
-            unexplained.append(f"{name}  ({'no tests' if code in NO_TESTS else code})")
+            if name not in explained:
+                unexplained.append(f"{name}  ({'no tests' if code in NO_TESTS else code})")
     columns = ["mutants", "killed", "equivalent", "survived", "no tests", "not run"]
     print(f"{'module':32}" + "".join(f"{c:>11}" for c in columns) + f"{'score':>9}")
     total: Counter[str] = Counter()
@@ -181,7 +196,7 @@ def report(selected: list[str]) -> int:
         timed_out = total["timed out"]
         print(f"\n{timed_out} of the killed timed out (on a quiet machine: --rerun-timeouts)")
     if unexplained:
-        print(f"\n{len(unexplained)} mutants neither killed nor listed as equivalent:")
+        print(f"\n{len(unexplained)} mutants neither killed nor explained (mutation_*.txt):")
         print("\n".join(f"  {line}" for line in sorted(unexplained)))
         print("see one with: mutmut show <name>")
     run = total["mutants"] - total["equivalent"] - total["not run"]
@@ -220,6 +235,9 @@ def markdown() -> None:
     for name, (code, test) in sorted(rechecked().items()):
         if code == 1:
             print(f"| `{name}` | `{test}` |")
+    print("\n| surviving mutant | why no test here kills it |\n| --- | --- |")
+    for name, reason in explained_survivors().items():
+        print(f"| `{name}` | {reason} |")
     print("\n| mutant | equivalent because |\n| --- | --- |")
     for name, reason in equivalent.items():
         print(f"| `{name}` | {reason} |")
