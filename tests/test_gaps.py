@@ -1042,6 +1042,15 @@ def test_a_wrapper_subclass_counts_the_storages_of_its_inner_tensors():
     assert memory.peak == 2 * 400 + 2 * 4
 
 
+def test_a_broadcast_gradient_is_not_taken_for_the_parameters_own():
+    # The gradient of w.sum() is the 4-byte backward seed expanded to w's shape: its storage
+    # is the seed's, an activation of backward, not a gradient to leave out.
+    weight = nn.Parameter(torch.ones(100, 4))
+    weight.grad = torch.zeros_like(weight)
+    memory = measure_activation_memory(lambda: weight.sum(), parameters=[weight])
+    assert (memory.retained_after_forward, memory.peak) == (4, 4 + 4)
+
+
 def test_parameters_may_be_a_single_tensor():
     weight = nn.Parameter(torch.ones(100, 4))
     x = torch.ones(4)
