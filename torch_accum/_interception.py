@@ -245,9 +245,8 @@ class GradientWatch:
         """Drop the references, so that a cleared gradient's memory is freed at once."""
         self._seen = []
 
-    @staticmethod
     def check_cleared(
-        optimizers: Sequence[torch.optim.Optimizer], names: Callable[[], dict[int, str]]
+        self, optimizers: Sequence[torch.optim.Optimizer], names: Callable[[], dict[int, str]]
     ) -> None:
         """Refuse gradients written after a finished window was cleared, before the next one.
 
