@@ -554,6 +554,19 @@ def test_gradients_written_between_blocks_are_refused_at_the_next_window(loop_cl
     assert acc.optimizer_steps == 2
 
 
+def test_gradients_written_between_blocks_name_a_parameter_outside_the_model_by_shape():
+    model = make_model()
+    scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([scale, *model.parameters()], lr=0.1)
+    acc = Accumulator(model, optimizer, 1)
+    with acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]) * scale.sum())
+        optimizer.step()
+    (scale * 2).sum().backward()
+    with pytest.raises(RuntimeError, match=r"parameters \(e.g. <parameter of shape \(3,\)>\)"), acc:
+        acc.backward(mse(model, make_batches(1, 4)[0]))
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_gradients_cleared_between_blocks_or_at_the_top_of_the_loop_are_fine(set_to_none):
     batches = make_batches(5, 4)

@@ -231,14 +231,21 @@ class GradientWatch:
     def __init__(self) -> None:
         self._seen: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
 
-    def record(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        seen = []
+    @staticmethod
+    def watched(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
+        """The first and last parameter of every param group."""
+        found: list[torch.Tensor] = []
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 params = group["params"]
-                for param in (params[0], params[-1]) if params else ():
-                    grad = param.grad
-                    seen.append((param, grad, -1 if grad is None else grad._version))
+                found += (params[0], params[-1]) if params else ()
+        return found
+
+    def record(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        seen = []
+        for param in self.watched(optimizers):
+            grad = param.grad
+            seen.append((param, grad, -1 if grad is None else grad._version))
         self._seen = seen
 
     def forget(self) -> None:
@@ -256,17 +263,12 @@ class GradientWatch:
         update. Watched as between micro-batches: the first and last parameter of every
         param group; a gradient that is there is read (one sync each, once per window).
         """
-        written = [
-            param
-            for optimizer in optimizers
-            for group in optimizer.param_groups
-            for param in group["params"][:1] + group["params"][-1:]
-            if param.grad is not None
-        ]
-        if not written or not has_nonzero([param.grad for param in written]):
+        written = [(p, grad) for p in self.watched(optimizers) if (grad := p.grad) is not None]
+        if not has_nonzero([grad for _, grad in written]):
             return
+        param = written[0][0]
         lookup = names()
-        example = lookup.get(id(written[0]), f"<parameter of shape {tuple(written[0].shape)}>")
+        example = lookup.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
         raise RuntimeError(
             f"parameters (e.g. {example}) have gradients that were written after the last "
             "optimizer step cleared them and before this window's first acc.backward(), so "
