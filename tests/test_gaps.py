@@ -1090,6 +1090,30 @@ def test_gradients_changed_mid_window_name_the_first_parameter_that_changed():
         acc.backward(mse(model, batches[2]))
 
 
+@pytest.mark.parametrize("reaches", ["the_last_parameter", "the_first_group"])
+def test_a_write_reaching_one_end_of_the_watch_is_noticed(reaches):
+    # The watch reads the first and last parameter of every param group: an auxiliary loss
+    # on the head's bias alone, or on the first of two groups alone, must show.
+    model = make_model()
+    first_weight, head_bias = model[0].weight, model[2].bias
+    if reaches == "the_last_parameter":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        aux = head_bias
+    else:
+        body = [p for p in model.parameters() if p is not head_bias]
+        groups = [{"params": body}, {"params": [head_bias]}, {"params": []}]  # empty: allowed
+        optimizer = torch.optim.SGD(groups, lr=0.1)
+        aux = first_weight
+    batches = make_batches(2, 4)
+    with (
+        pytest.raises(RuntimeError, match=r"changed between two acc.backward\(\) calls"),
+        Accumulator(model, optimizer, 2) as acc,
+    ):
+        acc.backward(mse(model, batches[0]))
+        aux.square().sum().backward()
+        acc.backward(mse(model, batches[1]))
+
+
 def test_gradients_changed_mid_window_outside_the_model_name_the_shape():
     model = make_model()
     extra = [nn.Parameter(torch.ones(5, dtype=torch.float64)), nn.Parameter(torch.ones(2, 2))]
