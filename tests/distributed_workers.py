@@ -589,7 +589,18 @@ def ddp_subgroups(rank: int, world: int) -> dict[str, Any]:
             acc.backward(nn.functional.mse_loss(model(x), y))
             optimizer.step()
             optimizer.zero_grad()
-    return {"params": params_of(model.module), "steps": acc.optimizer_steps}
+    results: dict[str, Any] = {"params": params_of(model.module), "steps": acc.optimizer_steps}
+    # Both ranks of a pair stop before their declared count (no collective is waiting): each
+    # names itself by its rank in the model's group, as the agreement's messages do.
+    try:
+        with Accumulator(model, optimizer, 4, total_micro_batches=8) as acc:
+            for x, y in pair_micro_batches(pair, rank % 2)[:2]:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+                optimizer.step()
+        results["short"] = None
+    except UnevenInputsError as error:
+        results["short"] = str(error)
+    return results
 
 
 # ----------------------------------------------------------------------------- uneven inputs

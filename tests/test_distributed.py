@@ -260,10 +260,13 @@ def test_ddp_on_subgroups_agrees_and_averages_inside_the_models_group(how, tmp_p
     for pair, count in enumerate(SUBGROUP_COUNTS):
         per_rank = [pair_micro_batches(pair, r) for r in (0, 1)]
         expected = reference("sgd", pooled_windows(per_rank, count))
-        for rank in ranks[2 * pair : 2 * pair + 2]:
+        for in_pair, rank in enumerate(ranks[2 * pair : 2 * pair + 2]):
             assert rank["steps"] == 2
             for a, b in zip(rank["params"], expected, strict=True):
                 torch.testing.assert_close(a, b, **TOL)
+            assert rank["short"].startswith(
+                f"rank {in_pair} ran 2 micro-batches but every rank declared total_micro_batches=8"
+            )
 
 
 # FSDP2 on CPU fails in torch 2.6 ("'Stream' object has no attribute 'record_event'");
