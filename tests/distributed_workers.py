@@ -395,6 +395,38 @@ def _ddp_k1_syncs(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     return {"k1_syncs": (len(syncs), acc.optimizer_steps)}
 
 
+def _ddp_collectives(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # The library's own collectives, besides DDP's all-reduce in backward: with a declared
+    # count one agreement at block entry and nothing per step; without it one agreement per
+    # training forward and one at the block's end. Windows DDP synchronised are not averaged
+    # again.
+    results: dict[str, Any] = {}
+    for declared in (True, False):
+        model = ddp_model()
+        optimizer = make_optimizer("sgd", model.parameters())
+        total = len(micro) if declared else None
+        acc = Accumulator(model, optimizer, DDP_K, total_micro_batches=total)
+        calls: list[str] = []
+        sync = acc._sync
+        for name in ("agree", "average_pending"):
+            real = getattr(sync, name)
+
+            def counted(
+                *args: Any, _real: Any = real, _name: str = name, _calls: list[str] = calls
+            ) -> Any:
+                _calls.append(_name)
+                return _real(*args)
+
+            setattr(sync, name, counted)
+        with acc:
+            for x, y in micro:
+                acc.backward(nn.functional.mse_loss(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+        results[f"collectives/{declared}"] = (calls.count("agree"), calls.count("average_pending"))
+    return results
+
+
 def _ddp_mixed_calls(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Rank 0 starts acc.step_batch() where rank 1 runs a forward for acc.backward().
     model = ddp_model()
@@ -445,6 +477,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
+    "collectives": (_ddp_collectives, ("collectives/",)),
     "mixed_calls": (_ddp_mixed_calls, ("mixed_calls",)),
     "sync_each": (_ddp_sync_each, ("sync_each",)),
 }

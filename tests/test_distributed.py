@@ -328,3 +328,10 @@ def test_fsdp2_non_finite_gradient_in_one_shard_skips_on_every_rank(fsdp):
         for a, b in zip(net, initial, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert not torch.equal(after_second[1], initial[0])
+
+
+def test_with_a_declared_count_the_ranks_agree_once_and_nothing_runs_per_step(ddp):
+    # 3 windows of K=4: 12 micro-batches, 12 training forwards.
+    for rank in ddp:
+        assert rank["collectives/True"] == (1, 0)  # (agreements, extra averages)
+        assert rank["collectives/False"] == (12 + 1, 0)
