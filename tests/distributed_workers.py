@@ -427,6 +427,22 @@ def _ddp_collectives(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     return results
 
 
+def _ddp_forwards_differ(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # Rank 0 runs two training forwards per micro-batch, rank 1 one: at their second forward
+    # the ranks have run different numbers of micro-batches.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    try:
+        with Accumulator(model, optimizer, DDP_K) as acc:
+            for x, y in micro[:2]:
+                out = model(x) if rank else model(x) + model(x)
+                acc.backward(nn.functional.mse_loss(out, y))
+                optimizer.step()
+        return {"forwards_differ": None}
+    except UnevenInputsError as error:
+        return {"forwards_differ": str(error)}
+
+
 def _ddp_mixed_calls(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Rank 0 starts acc.step_batch() where rank 1 runs a forward for acc.backward().
     model = ddp_model()
@@ -478,6 +494,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
     "collectives": (_ddp_collectives, ("collectives/",)),
+    "forwards_differ": (_ddp_forwards_differ, ("forwards_differ",)),
     "mixed_calls": (_ddp_mixed_calls, ("mixed_calls",)),
     "sync_each": (_ddp_sync_each, ("sync_each",)),
 }

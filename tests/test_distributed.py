@@ -335,3 +335,11 @@ def test_with_a_declared_count_the_ranks_agree_once_and_nothing_runs_per_step(dd
     for rank in ddp:
         assert rank["collectives/True"] == (1, 0)  # (agreements, extra averages)
         assert rank["collectives/False"] == (12 + 1, 0)
+
+
+def test_ranks_running_different_numbers_of_forwards_raise_naming_the_counts(ddp):
+    for rank in ddp:
+        assert rank["forwards_differ"].startswith(
+            "ranks ran different numbers of micro-batches (rank 0 ran 0 micro-batches, then "
+            "started another forward; rank 1 ran 1 micro-batches, then started another forward)"
+        )
