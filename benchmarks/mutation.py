@@ -14,6 +14,7 @@ the score in docs/testing.md, which also says what the numbers mean.
     python benchmarks/mutation.py --rerun-survivors      # after adding tests: run them again
     python benchmarks/mutation.py --rerun-timeouts       # timed out on a busy machine? again
     python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
+    python benchmarks/mutation.py torch_accum.distributed --recheck tests/test_distributed.py
 
 ``--recheck FILES`` runs each survivor against the tests in FILES that call its function
 (found the way mutmut finds them), in one process; a kill found so is recorded in
@@ -89,10 +90,17 @@ def rechecked() -> dict[str, tuple[int, str]]:
     return {name: (v, "") if isinstance(v, int) else tuple(v) for name, v in found.items()}
 
 
-def recheck(files: list[str]) -> None:
-    """Run every survivor against the tests in ``files`` that reach its function."""
+def recheck(files: list[str], modules: list[str]) -> None:
+    """Run every survivor (of ``modules``, if any) against the tests in ``files`` that reach
+    its function."""
     equivalent = equivalent_mutants()
-    names = [n for n, code in results().items() if code in SURVIVED and n not in equivalent]
+    names = [
+        name
+        for name, code in results().items()
+        if code in SURVIVED
+        and name not in equivalent
+        and (not modules or module_of(name) in modules)
+    ]
     # mutants/ holds a copy of tests/ from the start of the run: bring all of it up to date,
     # helpers included, so that the tests run here are the ones in the repository.
     shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True)
@@ -272,7 +280,7 @@ def main() -> int:
         markdown()
         return 0
     if args.recheck:
-        recheck(args.recheck)
+        recheck(args.recheck, args.modules)
     elif not args.report:
         mutmut = Path(sys.executable).with_name("mutmut")
         patterns = [f"{m}.*" for m in args.modules]

@@ -461,6 +461,55 @@ def test_explicit_use_cache_runs_without_the_cache(caplog):
     assert caplog.text.count("runs with use_cache=False") == 1  # said once, not per block
 
 
+class Transformers5Layer(CachingLayer):
+    """transformers 5 passes the cache as ``cache=`` instead of ``past_key_values=``."""
+
+    def forward(self, x, attention_mask, cache=None, use_cache=False):
+        return super().forward(x, attention_mask, past_key_values=cache, use_cache=use_cache)
+
+
+class Transformers5Model(CachingModel):
+    def __init__(self, depth=3):
+        super().__init__(depth)
+        self.layers = nn.ModuleList(Transformers5Layer(i) for i in range(depth))
+
+    def forward(self, x, attention_mask, use_cache=None):
+        cache = Cache() if use_cache else None
+        for layer in self.layers:
+            x = layer(x, attention_mask, cache=cache, use_cache=use_cache)
+        return x, cache
+
+
+def test_a_cache_passed_as_cache_runs_without_it(caplog):
+    x, mask = cache_batch()
+    model = Transformers5Model()
+    with (
+        caplog.at_level(logging.INFO, logger="torch_accum"),
+        Accumulator(model, sgd(model), 2, checkpointing=True),
+    ):
+        out, cache = model(x, mask, use_cache=True)
+        out.square().mean().backward()
+    assert cache.get_seq_length() == 0
+    assert "layers.0 runs with use_cache=False, cache=None" in caplog.text
+
+
+class RotaryLayer(Block):
+    """A block with a `cache` argument of its own, which is no KV cache."""
+
+    def forward(self, x, cache=None):
+        return super().forward(x) * cache["scale"]
+
+
+def test_a_cache_argument_that_is_no_kv_cache_passes_through():
+    model = Sequenced(nn.Sequential(RotaryLayer(), RotaryLayer()))
+    model.forward = lambda x: model.head(
+        model.body[1](model.body[0](x, cache={"scale": 2.0}), cache={"scale": 2.0})
+    )
+    with Accumulator(model, sgd(model), 2, checkpointing=True):
+        model(torch.randn(3, WIDTH)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_a_filled_cache_raises_naming_the_fix():
     x, mask = cache_batch()
     model = CachingModel()

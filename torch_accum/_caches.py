@@ -21,8 +21,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-#: Keyword arguments under which Hugging Face layers receive the cache they append to.
-CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+#: Keyword arguments under which Hugging Face layers receive the cache they append to
+#: (transformers 5 names it ``cache``).
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
 class CacheSwitch:
@@ -60,7 +61,7 @@ def without_caches(block_name: str, kwargs: dict[str, Any], *, log: bool) -> dic
 
     Returns ``kwargs`` itself when there is nothing to change; ``log`` says it at INFO.
     """
-    dropped = [key for key in CACHE_ARGUMENTS if kwargs.get(key) is not None]
+    dropped = [key for key in CACHE_ARGUMENTS if _is_kv_cache(key, kwargs.get(key))]
     if not dropped and kwargs.get("use_cache") is not True:
         return kwargs
     for key in dropped:
@@ -87,6 +88,14 @@ def without_caches(block_name: str, kwargs: dict[str, Any], *, log: bool) -> dic
             "".join(f", {key}=None" for key in dropped),
         )
     return cleaned
+
+
+def _is_kv_cache(key: str, value: object) -> bool:
+    # A name as generic as ``cache`` may be a block's own (a rotary table, say): it counts
+    # as a KV cache only when the object can say its length, as transformers' caches do.
+    if value is None:
+        return False
+    return key != "cache" or callable(getattr(value, "get_seq_length", None))
 
 
 def _cached_tokens(cache: object) -> int | None:
