@@ -401,11 +401,11 @@ def _ddp_collectives(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # training forward and one at the block's end. Windows DDP synchronised are not averaged
     # again.
     results: dict[str, Any] = {}
-    for declared in (True, False):
+    for declared, k in ((True, DDP_K), (False, DDP_K), (False, 1)):
         model = ddp_model()
         optimizer = make_optimizer("sgd", model.parameters())
         total = len(micro) if declared else None
-        acc = Accumulator(model, optimizer, DDP_K, total_micro_batches=total)
+        acc = Accumulator(model, optimizer, k, total_micro_batches=total)
         calls: list[str] = []
         sync = acc._sync
         for name in ("agree", "average_pending"):
@@ -423,7 +423,8 @@ def _ddp_collectives(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
                 acc.backward(nn.functional.mse_loss(model(x), y))
                 optimizer.step()
                 optimizer.zero_grad()
-        results[f"collectives/{declared}"] = (calls.count("agree"), calls.count("average_pending"))
+        counts = (calls.count("agree"), calls.count("average_pending"))
+        results[f"collectives/{declared}/{k}"] = counts
     return results
 
 

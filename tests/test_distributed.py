@@ -333,8 +333,9 @@ def test_fsdp2_non_finite_gradient_in_one_shard_skips_on_every_rank(fsdp):
 def test_with_a_declared_count_the_ranks_agree_once_and_nothing_runs_per_step(ddp):
     # 3 windows of K=4: 12 micro-batches, 12 training forwards.
     for rank in ddp:
-        assert rank["collectives/True"] == (1, 0)  # (agreements, extra averages)
-        assert rank["collectives/False"] == (12 + 1, 0)
+        assert rank[f"collectives/True/{K}"] == (1, 0)  # (agreements, extra averages)
+        assert rank[f"collectives/False/{K}"] == (12 + 1, 0)
+        assert rank["collectives/False/1"] == (12 + 1, 0)
 
 
 def test_ranks_running_different_numbers_of_forwards_raise_naming_the_counts(ddp):
