@@ -447,20 +447,6 @@ def test_the_config_of_a_submodule_is_switched_off_and_named(caplog):
     assert "set use_cache=False on inner.config for the `with` block" in caplog.text
 
 
-def test_explicit_use_cache_runs_without_the_cache(caplog):
-    x, mask = cache_batch()
-    model = CachingModel()
-    with (
-        caplog.at_level(logging.INFO, logger="torch_accum"),
-        Accumulator(model, sgd(model), 2, checkpointing=True),
-    ):
-        out, cache = model(x, mask, use_cache=True)
-        out.square().mean().backward()
-    assert cache.get_seq_length() == 0
-    assert "layers.0 runs with use_cache=False, past_key_values=None" in caplog.text
-    assert caplog.text.count("runs with use_cache=False") == 1  # said once, not per block
-
-
 class Transformers5Layer(CachingLayer):
     """transformers 5 passes the cache as ``cache=`` instead of ``past_key_values=``."""
 
@@ -480,9 +466,12 @@ class Transformers5Model(CachingModel):
         return x, cache
 
 
-def test_a_cache_passed_as_cache_runs_without_it(caplog):
+@pytest.mark.parametrize(
+    ("make", "argument"), [(CachingModel, "past_key_values"), (Transformers5Model, "cache")]
+)
+def test_explicit_use_cache_runs_without_the_cache(caplog, make, argument):
     x, mask = cache_batch()
-    model = Transformers5Model()
+    model = make()
     with (
         caplog.at_level(logging.INFO, logger="torch_accum"),
         Accumulator(model, sgd(model), 2, checkpointing=True),
@@ -490,7 +479,8 @@ def test_a_cache_passed_as_cache_runs_without_it(caplog):
         out, cache = model(x, mask, use_cache=True)
         out.square().mean().backward()
     assert cache.get_seq_length() == 0
-    assert "layers.0 runs with use_cache=False, cache=None" in caplog.text
+    assert f"layers.0 runs with use_cache=False, {argument}=None" in caplog.text
+    assert caplog.text.count("runs with use_cache=False") == 1  # said once, not per block
 
 
 class RotaryLayer(Block):
