@@ -797,7 +797,7 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 180) -> li
 
 
 def launch_in_threads(
-    scenario: str, world: int = 2, timeout: float = 10, *args: Any
+    scenario: str, world: int = 2, timeout: float = 30, *args: Any
 ) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` ranks that are threads of this process, bounded in time.
 

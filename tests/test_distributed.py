@@ -59,7 +59,7 @@ class RanksOnDemand(Sequence):
     def read(self, rank, key):
         if key not in self.results[rank]:
             parts = [(ddp_part_giving(key),)] if self.scenario == "ddp_scenarios" else []
-            found = launch_in_threads(self.scenario, len(self.results), 10, *parts)
+            found = launch_in_threads(self.scenario, len(self.results), 30, *parts)
             for mine, theirs in zip(self.results, found, strict=True):
                 mine.update(theirs)
         return self.results[rank][key]
