@@ -557,11 +557,13 @@ def test_gradients_written_between_blocks_are_refused_at_the_next_window(loop_cl
 def test_gradients_written_between_blocks_name_a_parameter_outside_the_model_by_shape():
     model = make_model()
     scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
-    optimizer = torch.optim.SGD([scale, *model.parameters()], lr=0.1)
+    optimizer = torch.optim.SGD([*model.parameters(), scale], lr=0.1)  # watched: 0.weight, scale
     acc = Accumulator(model, optimizer, 1)
     with acc:
         acc.backward(mse(model, make_batches(1, 4)[0]) * scale.sum())
         optimizer.step()
+    for param in model.parameters():  # zeros on 0.weight: the one to name is the scale
+        param.grad = torch.zeros_like(param)
     (scale * 2).sum().backward()
     with pytest.raises(RuntimeError, match=r"parameters \(e.g. <parameter of shape \(3,\)>\)"), acc:
         acc.backward(mse(model, make_batches(1, 4)[0]))

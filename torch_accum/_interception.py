@@ -266,7 +266,7 @@ class GradientWatch:
         written = [(p, grad) for p in self.watched(optimizers) if (grad := p.grad) is not None]
         if not has_nonzero([grad for _, grad in written]):
             return
-        param = written[0][0]
+        param = next(p for p, grad in written if has_nonzero([grad]))  # the error path only
         lookup = names()
         example = lookup.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
         raise RuntimeError(
