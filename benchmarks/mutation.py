@@ -8,20 +8,28 @@ be stopped and run again, and goes on where it stopped): run it before a release
 the score in docs/testing.md, which also says what the numbers mean.
 
     pip install -e ".[dev,mutation]"
-    python benchmarks/mutation.py                        # everything, 2 workers, nice 19
-    python benchmarks/mutation.py torch_accum.progress   # one module (or several)
+    python benchmarks/mutation.py --from-scratch         # everything, timed (docs/testing.md)
+    python benchmarks/mutation.py                        # the mutants with no verdict yet
+    python benchmarks/mutation.py torch_accum.progress   # one module (or several), again
     python benchmarks/mutation.py --report               # only print the last results
     python benchmarks/mutation.py --rerun-survivors      # after adding tests: run them again
     python benchmarks/mutation.py --rerun-timeouts       # timed out on a busy machine? again
     python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
     python benchmarks/mutation.py torch_accum.distributed --recheck tests/test_distributed.py
+    python benchmarks/mutation.py --stamp-equivalents    # after judging equivalents
+
+Mutants listed in benchmarks/mutation_equivalent.txt (``mutant_name function_hash reason``)
+are not run: a survivor by construction, each would run every test that reaches it, a third
+of the whole run. The hash is mutmut's hash of the function's source when the mutant was
+judged; once the function changes, mutmut numbers its mutants afresh, so the entry is stale:
+the mutant runs and counts like any other until it is judged again and stamped
+(``--with-equivalents`` runs the current ones too, to see that they still survive).
 
 ``--recheck FILES`` runs each survivor against the tests in FILES that call its function
 (found the way mutmut finds them), in one process; a kill found so is recorded in
 ``mutants/recheck.json`` and counted. The score counts a mutant as killed when a test failed
-(or timed out) on it, and divides by all mutants that ran except those listed as equivalent
-in benchmarks/mutation_equivalent.txt (one ``mutant_name reason`` a line): survivors and
-mutants no test reaches count against it.
+(or timed out) on it, and divides by all mutants that ran except the current equivalents:
+survivors and mutants no test reaches count against it.
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
@@ -47,11 +57,72 @@ RECHECK = ROOT / "mutants" / "recheck.json"
 SURVIVED = {0}
 TIMED_OUT = "timed out"
 NO_TESTS = {5, 33}
+FUNCTION_HASH = re.compile(r"[0-9a-f]{12}")
+
+
+class Listed(NamedTuple):
+    reason: str
+    function_hash: str  # "" where the line has none
+
+
+def listed(path: Path) -> dict[str, Listed]:
+    """``mutant name -> Listed`` from a mutation_*.txt file (``#`` starts a comment line)."""
+    found: dict[str, Listed] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, rest = line.strip().partition(" ")
+            first, _, after = rest.partition(" ")
+            if FUNCTION_HASH.fullmatch(first):
+                found[name] = Listed(after.strip(), first)
+            else:
+                found[name] = Listed(rest.strip(), "")
+    return found
+
+
+def function_hashes() -> dict[str, str]:
+    """mutmut's hash of each function's source, by the function part of a mutant's name."""
+    hashes: dict[str, str] = {}
+    for meta in sorted((ROOT / "mutants" / "torch_accum").glob("*.py.meta")):
+        module = f"torch_accum.{meta.name.removesuffix('.py.meta')}"
+        for function, digest in json.loads(meta.read_text())["hash_by_function_name"].items():
+            hashes[f"{module}.{function}"] = digest
+    return hashes
+
+
+def function_of(mutant: str) -> str:
+    # torch_accum.progress.xǁProgressBarǁclose__mutmut_1 -> torch_accum.progress.xǁProgressBarǁclose
+    return mutant.rpartition("__mutmut_")[0]
 
 
 def equivalent_mutants() -> dict[str, str]:
-    """``mutant name -> reason`` from mutation_equivalent.txt (``#`` starts a comment line)."""
-    return reasons(EQUIVALENT)
+    """``mutant name -> reason`` of the listed equivalents whose function is unchanged."""
+    hashes = function_hashes()
+    return {
+        name: entry.reason
+        for name, entry in listed(EQUIVALENT).items()
+        if entry.function_hash and hashes.get(function_of(name)) == entry.function_hash
+    }
+
+
+def stale_equivalents() -> list[str]:
+    """Listed equivalents whose function changed since (or that have no hash): judge again."""
+    current = equivalent_mutants()
+    return sorted(name for name in listed(EQUIVALENT) if name not in current)
+
+
+def stamp_equivalents() -> None:
+    """Write the current function hash into every line of mutation_equivalent.txt."""
+    hashes, entries = function_hashes(), listed(EQUIVALENT)
+    lines = []
+    for line in EQUIVALENT.read_text().splitlines():
+        name = line.strip().partition(" ")[0]
+        entry = None if line.lstrip().startswith("#") else entries.get(name)
+        if entry is not None:
+            if function_of(name) not in hashes:
+                raise SystemExit(f"--stamp-equivalents: no mutant {name}; remove its line")
+            line = f"{name} {hashes[function_of(name)]} {entry.reason}"
+        lines.append(line)
+    EQUIVALENT.write_text("\n".join(lines) + "\n")
 
 
 def explained_survivors() -> dict[str, str]:
@@ -60,16 +131,7 @@ def explained_survivors() -> dict[str, str]:
     These are not equivalent and count against the score: they need hardware the run does
     not have (a CUDA device), or their one observable effect is not pinned yet.
     """
-    return reasons(SURVIVORS)
-
-
-def reasons(path: Path) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, _, reason = line.strip().partition(" ")
-            found[name] = reason.strip()
-    return found
+    return {name: entry.reason for name, entry in listed(SURVIVORS).items()}
 
 
 def results() -> dict[str, int | None]:
@@ -178,6 +240,11 @@ def report(selected: list[str]) -> int:
     known = results()
     for name in sorted((set(equivalent) | set(explained)) - set(known)):
         print(f"a mutant listed in benchmarks/mutation_*.txt is unknown: {name}")
+    for name in stale_equivalents():
+        print(
+            f"listed as equivalent, but its function changed since it was judged: {name} "
+            "(counted as it ran; see it with `mutmut show`, then --stamp-equivalents)"
+        )
     codes = {
         name: code
         for name, code in known.items()
@@ -279,6 +346,17 @@ def main() -> int:
     )
     parser.add_argument("--recheck", nargs="+", metavar="FILE", help="test files, see above")
     parser.add_argument("--markdown", action="store_true", help="the tables for the docs")
+    parser.add_argument(
+        "--from-scratch", action="store_true", help="delete mutants/ first, then run all"
+    )
+    parser.add_argument(
+        "--with-equivalents", action="store_true", help="run the listed equivalents too"
+    )
+    parser.add_argument(
+        "--stamp-equivalents",
+        action="store_true",
+        help="record the current function hash of every listed equivalent",
+    )
     parser.add_argument("--recheck-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.recheck_worker:
@@ -287,27 +365,79 @@ def main() -> int:
     if args.markdown:
         markdown()
         return 0
+    if args.stamp_equivalents:
+        stamp_equivalents()
+        return report([])
     if args.recheck:
         recheck(args.recheck, args.modules)
     elif not args.report:
-        mutmut = Path(sys.executable).with_name("mutmut")
-        patterns = [f"{m}.*" for m in args.modules]
+        if args.from_scratch:
+            shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+        started = time.monotonic()
+        generate_mutants(args.max_children)
+        names = to_run(args)
+        if names:
+            run_mutmut(names, args.max_children)
+            minutes = (time.monotonic() - started) / 60
+            print(f"\nran {len(names)} mutants in {minutes:.1f} min, generation and stats included")
+    return report(args.modules)
+
+
+def generate_mutants(max_children: int) -> None:
+    """mutmut's first step alone: write mutants/ and the names of this source's mutants.
+
+    Which mutants to run is decided from those names (a changed function's mutants are
+    numbered afresh), so they must exist before ``mutmut run`` is given the list.
+    """
+    step = (
+        "from mutmut.__main__ import copy_also_copy_files, copy_src_dir, create_mutants, "
+        "setup_source_paths, store_lines_covered_by_tests\n"
+        "copy_src_dir(); copy_also_copy_files(); setup_source_paths()\n"
+        f"store_lines_covered_by_tests(); create_mutants({max_children})\n"
+    )
+    (ROOT / "mutants").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-c", step], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def to_run(args: argparse.Namespace) -> list[str]:
+    """The mutants this command runs, the current equivalents left out."""
+    codes = results()
+    if args.rerun_survivors or args.rerun_timeouts:
         rerun = (SURVIVED if args.rerun_survivors else set()) | (
             TIMEOUTS if args.rerun_timeouts else set()
         )
-        if rerun:
-            # mutmut keeps every verdict; named mutants run again, new tests included.
-            patterns = [name for name, code in results().items() if code in rerun]
-            if not patterns:
-                return report(args.modules)
-        # nice: the run takes every core it is given; the machine stays usable meanwhile.
-        command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(args.max_children)]
-        # One torch thread per mutant and as many mutants as cores: more threads than cores
-        # make OpenMP spin against the other mutant (tests time out, runs take hours).
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env["PYTHONPATH"] = ""  # import torch_accum from mutants/ only
-        subprocess.run([*command, *patterns], cwd=ROOT, env=env, check=False)
-    return report(args.modules)
+        names = [name for name, code in codes.items() if code in rerun]
+    elif args.modules:
+        names = [name for name in codes if module_of(name) in args.modules]
+    else:  # mutmut keeps every verdict until the function changes: go on where it stopped
+        names = [name for name, code in codes.items() if code is None]
+    skipped = set() if args.with_equivalents else set(equivalent_mutants())
+    return [name for name in names if name not in skipped]
+
+
+def run_mutmut(names: list[str], max_children: int) -> None:
+    """``mutmut run`` on these mutants, at low priority, one torch thread each."""
+    mutmut = Path(sys.executable).with_name("mutmut")
+    # nice: the run takes every core it is given; the machine stays usable meanwhile.
+    command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(max_children)]
+    # One torch thread per mutant and as many mutants as cores: more threads than cores
+    # make OpenMP spin against the other mutant (tests time out, runs take hours).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = ""  # import torch_accum from mutants/ only
+    with subprocess.Popen(
+        [*command, *names], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as run:
+        output = run.stdout
+        if output is None:
+            raise RuntimeError("mutmut's output is not piped")
+        relaying = True
+        # Named mutants end mutmut's output with one line per mutant; the report says more.
+        for chunk in iter(lambda: os.read(output.fileno(), 4096), b""):
+            if relaying:
+                shown, found, _ = chunk.partition(b"Mutant results")
+                sys.stdout.buffer.write(shown)
+                sys.stdout.flush()
+                relaying = not found
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class WindowDriver:
     def finish_block(self) -> None:
         window = self.run.window
         if self.sync is not None:
-            self.sync.finish_block(self.run.block_micro_batches, self.block_end, window.pending)
+            self.sync.finish_block(self.run.block_micro_batches, self.block_end)
         if window.pending and not window.is_ready:
             if self.partial_window == "apply":
                 logger.debug("applying a partial window of %d micro-batches", window.count)

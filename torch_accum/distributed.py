@@ -50,7 +50,7 @@ class Step(enum.IntEnum):
 
     ENTER = 1  # start a block with a declared count (the row's value)
     FORWARD = 2  # run a training forward
-    END = 3  # leave the block (the value: micro-batches of the pending window)
+    END = 3  # leave the block
     REFERENCE = 4  # share the first window's reference weight (the value: its first weight)
     WINDOW_WEIGHTS = 5  # sum a weighted window's weights
     AVERAGE = 6  # average the gradients of a window that ended unsynchronised
@@ -176,7 +176,7 @@ class GradientSync:
                 self._last_backward_synchronised
             )
 
-    def finish_block(self, ran: int, declared: int | None, pending: int) -> None:
+    def finish_block(self, ran: int, declared: int | None) -> None:
         """At the block's end, check that the ranks stopped at the same point.
 
         With the count agreed at entry, a rank that ran exactly that many micro-batches
@@ -191,7 +191,7 @@ class GradientSync:
                     "rank may stop early, or give every rank the same number"
                 )
             return
-        self.agree(Step.END, pending)
+        self.agree(Step.END)
 
     # ------------------------------------------------------------------ the window
     def start_window(self) -> None:
