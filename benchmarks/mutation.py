@@ -377,8 +377,11 @@ def main() -> int:
         generate_mutants(args.max_children)
         names = to_run(args)
         if names:
-            run_mutmut(names, args.max_children)
+            code = run_mutmut(names, args.max_children)
             minutes = (time.monotonic() - started) / 60
+            if code:
+                print(f"\nmutmut stopped with exit code {code} after {minutes:.1f} min")
+                return code
             print(f"\nran {len(names)} mutants in {minutes:.1f} min, generation and stats included")
     return report(args.modules)
 
@@ -415,7 +418,7 @@ def to_run(args: argparse.Namespace) -> list[str]:
     return [name for name in names if name not in skipped]
 
 
-def run_mutmut(names: list[str], max_children: int) -> None:
+def run_mutmut(names: list[str], max_children: int) -> int:
     """``mutmut run`` on these mutants, at low priority, one torch thread each."""
     mutmut = Path(sys.executable).with_name("mutmut")
     # nice: the run takes every core it is given; the machine stays usable meanwhile.
@@ -438,6 +441,7 @@ def run_mutmut(names: list[str], max_children: int) -> None:
                 sys.stdout.buffer.write(shown)
                 sys.stdout.flush()
                 relaying = not found
+    return run.returncode
 
 
 if __name__ == "__main__":

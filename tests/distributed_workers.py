@@ -351,15 +351,31 @@ def _ddp_carried(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
 
 
 def _ddp_step_batch_sizes(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
-    # step_batch on 6 samples on rank 0 and 10 on rank 1, in micro-batches of 4: one step on
-    # the mean over all 16 samples, although the ranks run 2 and 3 micro-batches.
+    # step_batch on 6 samples on rank 0 and 10 on rank 1, in micro-batches of 4: each step on
+    # the mean over all 16 samples, although the ranks run 2 and 3 micro-batches. The second
+    # step starts with the ranks' micro-batch counts apart (2 and 3), which is no error.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
-    x, y = global_batches(1, 16)[0]
     mine = slice(0, 6) if rank == 0 else slice(6, 16)
     with Accumulator(model, optimizer, micro_batch_size=4) as acc:
-        acc.step_batch((x[mine], y[mine]), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+        for x, y in global_batches(2, 16):
+            acc.step_batch((x[mine], y[mine]), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
     return {"step_batch_sizes": params_of(model.module)}
+
+
+def _ddp_step_batch_extra(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # Rank 1 starts a second acc.step_batch() where rank 0 leaves the with block, both after
+    # the same micro-batches and forwards: only what they are about to do differs.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    x, y = global_batches(1, 8)[0]
+    try:
+        with Accumulator(model, optimizer, micro_batch_size=4) as acc:
+            for _ in range(1 + rank):
+                acc.step_batch((x, y), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+    except UnevenInputsError as error:
+        return {"step_batch_extra": str(error)}
+    return {"step_batch_extra": None}
 
 
 def _ddp_fixed_size_oom(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
@@ -492,6 +508,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "counted": (_ddp_counted, ("counted",)),
     "carried": (_ddp_carried, ("carried",)),
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
+    "step_batch_extra": (_ddp_step_batch_extra, ("step_batch_extra",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
     "collectives": (_ddp_collectives, ("collectives/",)),

@@ -242,10 +242,19 @@ def test_declared_counts_train_exactly(ddp, key):
 
 
 def test_step_batch_on_batches_of_different_sizes_gives_the_mean_over_all_samples(ddp):
-    expected = reference("sgd", global_batches(1, 16))
+    expected = reference("sgd", global_batches(2, 16))
     for rank in ddp:
         for a, b in zip(rank["step_batch_sizes"], expected, strict=True):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_a_rank_starting_one_more_step_batch_raises_on_every_rank(ddp):
+    for rank in ddp:
+        assert rank["step_batch_extra"].startswith(
+            "ranks ran different numbers of micro-batches: a rank left the with block (rank 0 "
+            "ran 0 micro-batches, then left the with block; rank 1 ran 0 micro-batches, then "
+            "started acc.step_batch())"
+        )
 
 
 def test_out_of_memory_at_a_fixed_micro_batch_size_stops_every_rank_saying_why(ddp):
