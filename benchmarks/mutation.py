@@ -16,14 +16,16 @@ the score in docs/testing.md, which also says what the numbers mean.
     python benchmarks/mutation.py --rerun-timeouts       # timed out on a busy machine? again
     python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
     python benchmarks/mutation.py torch_accum.distributed --recheck tests/test_distributed.py
-    python benchmarks/mutation.py --stamp-equivalents    # after judging equivalents
+    python benchmarks/mutation.py --stamp                # after judging survivors
 
 Mutants listed in benchmarks/mutation_equivalent.txt (``mutant_name function_hash reason``)
 are not run: a survivor by construction, each would run every test that reaches it, a third
 of the whole run. The hash is mutmut's hash of the function's source when the mutant was
 judged; once the function changes, mutmut numbers its mutants afresh, so the entry is stale:
 the mutant runs and counts like any other until it is judged again and stamped
-(``--with-equivalents`` runs the current ones too, to see that they still survive).
+(``--with-equivalents`` runs the current ones too, to see that they still survive). The
+survivors explained in benchmarks/mutation_survivors.txt carry the same hash: an
+explanation holds only for the mutant it was written for.
 
 ``--recheck FILES`` runs each survivor against the tests in FILES that call its function
 (found the way mutmut finds them), in one process; a kill found so is recorded in
@@ -94,35 +96,19 @@ def function_of(mutant: str) -> str:
     return mutant.rpartition("__mutmut_")[0]
 
 
-def equivalent_mutants() -> dict[str, str]:
-    """``mutant name -> reason`` of the listed equivalents whose function is unchanged."""
+def current(path: Path) -> dict[str, str]:
+    """``mutant name -> reason`` of the entries of ``path`` whose function is unchanged."""
     hashes = function_hashes()
     return {
         name: entry.reason
-        for name, entry in listed(EQUIVALENT).items()
+        for name, entry in listed(path).items()
         if entry.function_hash and hashes.get(function_of(name)) == entry.function_hash
     }
 
 
-def stale_equivalents() -> list[str]:
-    """Listed equivalents whose function changed since (or that have no hash): judge again."""
-    current = equivalent_mutants()
-    return sorted(name for name in listed(EQUIVALENT) if name not in current)
-
-
-def stamp_equivalents() -> None:
-    """Write the current function hash into every line of mutation_equivalent.txt."""
-    hashes, entries = function_hashes(), listed(EQUIVALENT)
-    lines = []
-    for line in EQUIVALENT.read_text().splitlines():
-        name = line.strip().partition(" ")[0]
-        entry = None if line.lstrip().startswith("#") else entries.get(name)
-        if entry is not None:
-            if function_of(name) not in hashes:
-                raise SystemExit(f"--stamp-equivalents: no mutant {name}; remove its line")
-            line = f"{name} {hashes[function_of(name)]} {entry.reason}"
-        lines.append(line)
-    EQUIVALENT.write_text("\n".join(lines) + "\n")
+def equivalent_mutants() -> dict[str, str]:
+    """The listed equivalents that still hold: not run, and left out of the score."""
+    return current(EQUIVALENT)
 
 
 def explained_survivors() -> dict[str, str]:
@@ -131,7 +117,30 @@ def explained_survivors() -> dict[str, str]:
     These are not equivalent and count against the score: they need hardware the run does
     not have (a CUDA device), or their one observable effect is not pinned yet.
     """
-    return {name: entry.reason for name, entry in listed(SURVIVORS).items()}
+    return current(SURVIVORS)
+
+
+def stale() -> list[str]:
+    """Listed mutants whose function changed since (or that have no hash): judge again."""
+    return sorted(
+        name for path in (EQUIVALENT, SURVIVORS) for name in set(listed(path)) - set(current(path))
+    )
+
+
+def stamp() -> None:
+    """Write the current function hash into every entry of both lists."""
+    hashes = function_hashes()
+    for path in (EQUIVALENT, SURVIVORS):
+        entries, lines = listed(path), []
+        for line in path.read_text().splitlines():
+            name = line.strip().partition(" ")[0]
+            entry = None if line.lstrip().startswith("#") else entries.get(name)
+            if entry is not None:
+                if function_of(name) not in hashes:
+                    raise SystemExit(f"--stamp: no mutant {name}; remove its line in {path.name}")
+                line = f"{name} {hashes[function_of(name)]} {entry.reason}"
+            lines.append(line)
+        path.write_text("\n".join(lines) + "\n")
 
 
 def results() -> dict[str, int | None]:
@@ -240,10 +249,10 @@ def report(selected: list[str]) -> int:
     known = results()
     for name in sorted((set(equivalent) | set(explained)) - set(known)):
         print(f"a mutant listed in benchmarks/mutation_*.txt is unknown: {name}")
-    for name in stale_equivalents():
+    for name in stale():
         print(
-            f"listed as equivalent, but its function changed since it was judged: {name} "
-            "(counted as it ran; see it with `mutmut show`, then --stamp-equivalents)"
+            f"listed, but its function changed since it was judged: {name} (counted as it "
+            "ran; see it with `mutmut show`, fix or remove its line, then --stamp)"
         )
     codes = {
         name: code
@@ -353,9 +362,9 @@ def main() -> int:
         "--with-equivalents", action="store_true", help="run the listed equivalents too"
     )
     parser.add_argument(
-        "--stamp-equivalents",
+        "--stamp",
         action="store_true",
-        help="record the current function hash of every listed equivalent",
+        help="record the current function hash of every listed equivalent and survivor",
     )
     parser.add_argument("--recheck-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -365,8 +374,8 @@ def main() -> int:
     if args.markdown:
         markdown()
         return 0
-    if args.stamp_equivalents:
-        stamp_equivalents()
+    if args.stamp:
+        stamp()
         return report([])
     if args.recheck:
         recheck(args.recheck, args.modules)

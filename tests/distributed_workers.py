@@ -363,6 +363,20 @@ def _ddp_step_batch_sizes(rank: int, world: int, micro: list[Any]) -> dict[str, 
     return {"step_batch_sizes": params_of(model.module)}
 
 
+def _ddp_declared_and_not(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # Both loaders are empty; rank 0 declares it (total_micro_batches=0), rank 1 does not:
+    # rank 0 agrees at entry where rank 1 agrees at the block's end, both after nothing.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    declared = {"total_micro_batches": 0} if rank == 0 else {}
+    try:
+        with Accumulator(model, optimizer, DDP_K, **declared):
+            pass
+    except UnevenInputsError as error:
+        return {"declared_and_not": str(error)}
+    return {"declared_and_not": None}
+
+
 def _ddp_step_batch_extra(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # Rank 1 starts a second acc.step_batch() where rank 0 leaves the with block, both after
     # the same micro-batches and forwards: only what they are about to do differs.
@@ -509,6 +523,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "carried": (_ddp_carried, ("carried",)),
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
     "step_batch_extra": (_ddp_step_batch_extra, ("step_batch_extra",)),
+    "declared_and_not": (_ddp_declared_and_not, ("declared_and_not",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
     "collectives": (_ddp_collectives, ("collectives/",)),

@@ -257,6 +257,16 @@ def test_a_rank_starting_one_more_step_batch_raises_on_every_rank(ddp):
         )
 
 
+def test_a_rank_declaring_its_count_where_another_does_not_raises_on_every_rank(ddp):
+    # Nothing ran on either rank: only the step each is at tells them apart.
+    for rank in ddp:
+        assert rank["declared_and_not"].startswith(
+            "ranks ran different numbers of micro-batches: a rank left the with block (rank 0 "
+            "ran 0 micro-batches, then started a block with total_micro_batches=0; rank 1 ran "
+            "0 micro-batches, then left the with block)"
+        )
+
+
 def test_out_of_memory_at_a_fixed_micro_batch_size_stops_every_rank_saying_why(ddp):
     assert ddp[0]["fixed_size_oom"] == "OutOfMemoryError: injected on rank 0"
     assert ddp[1]["fixed_size_oom"] == "RuntimeError: another rank ran out of memory"

@@ -36,6 +36,7 @@ def script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.setattr(module, "SURVIVORS", tmp_path / "survivors.txt")
     monkeypatch.setattr(module, "RECHECK", tmp_path / "mutants" / "recheck.json")
     (tmp_path / "survivors.txt").write_text("")
+    (tmp_path / "equivalent.txt").write_text("")
     write_meta(tmp_path, function_hash="aaaaaaaaaaaa")
     return module
 
@@ -69,7 +70,7 @@ def test_a_current_equivalent_is_not_run_and_a_stale_one_is(script: ModuleType) 
     assert script.equivalent_mutants() == {
         f"{FUNCTION}__mutmut_1": "the text of a message nobody reads"
     }
-    assert script.stale_equivalents() == [f"{FUNCTION}__mutmut_2", f"{FUNCTION}__mutmut_3"]
+    assert script.stale() == [f"{FUNCTION}__mutmut_2", f"{FUNCTION}__mutmut_3"]
     assert script.to_run(arguments()) == [f"{FUNCTION}__mutmut_2", f"{FUNCTION}__mutmut_3"]
     assert len(script.to_run(arguments(with_equivalents=True))) == 3
 
@@ -87,7 +88,7 @@ def test_stamping_records_the_current_hash_and_keeps_comments_and_reasons(
     script.EQUIVALENT.write_text(
         f"# why\n{FUNCTION}__mutmut_1 a reason\n{FUNCTION}__mutmut_2 bbbbbbbbbbbb another\n"
     )
-    script.stamp_equivalents()
+    script.stamp()
     assert script.EQUIVALENT.read_text() == (
         f"# why\n{FUNCTION}__mutmut_1 aaaaaaaaaaaa a reason\n"
         f"{FUNCTION}__mutmut_2 aaaaaaaaaaaa another\n"
@@ -95,10 +96,23 @@ def test_stamping_records_the_current_hash_and_keeps_comments_and_reasons(
     assert set(script.equivalent_mutants()) == {f"{FUNCTION}__mutmut_1", f"{FUNCTION}__mutmut_2"}
 
 
+def test_a_survivor_is_explained_only_while_its_function_is_unchanged(script: ModuleType) -> None:
+    script.SURVIVORS.write_text(f"{FUNCTION}__mutmut_3 needs a CUDA device\n")
+    assert script.explained_survivors() == {}
+    assert script.stale() == [f"{FUNCTION}__mutmut_3"]
+    script.stamp()
+    assert script.explained_survivors() == {f"{FUNCTION}__mutmut_3": "needs a CUDA device"}
+    write_meta(script.ROOT, function_hash="cccccccccccc")
+    assert script.explained_survivors() == {}
+
+
 def test_stamping_an_unknown_mutant_names_it(script: ModuleType) -> None:
     script.EQUIVALENT.write_text("torch_accum.progress.x_gone__mutmut_1 a reason\n")
-    with pytest.raises(SystemExit, match=r"no mutant torch_accum\.progress\.x_gone__mutmut_1"):
-        script.stamp_equivalents()
+    with pytest.raises(
+        SystemExit,
+        match=r"no mutant torch_accum\.progress\.x_gone__mutmut_1; remove its line in equivalent\.txt",
+    ):
+        script.stamp()
 
 
 def test_a_rerun_takes_the_survivors_but_not_the_current_equivalents(script: ModuleType) -> None:
