@@ -323,9 +323,10 @@ def markdown() -> None:
             total.update(row)
         counts = " | ".join(str(row[c]) for c in columns)
         print(f"| {module} | {counts} | {score(row).strip()} |")
-    print("\n| mutant | killed by |\n| --- | --- |")
-    for name, (code, test) in sorted(rechecked().items()):
-        if code == 1:
+    killed_later = [(name, test) for name, (code, test) in sorted(rechecked().items()) if code == 1]
+    if killed_later:  # by --recheck, after mutmut's run
+        print("\n| mutant | killed by |\n| --- | --- |")
+        for name, test in killed_later:
             print(f"| `{name}` | `{test}` |")
     print("\n| surviving mutant | why no test here kills it |\n| --- | --- |")
     for name, reason in explained_survivors().items():
