@@ -12,6 +12,7 @@ end, checks that all ranks hold the same parameters.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -50,6 +51,22 @@ def setup() -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = setup()
+    same = train(args, device)
+    if dist.is_initialized():
+        # The model, DDP and the Accumulator refer to each other, so only the garbage
+        # collector frees them, and with them the process group's gloo threads. Collect now:
+        # done during the interpreter's shutdown, it aborted a rank now and then.
+        gc.collect()
+        dist.barrier()  # tear down together, no rank still inside a collective
+        dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        print(f"{'OK' if same else 'MISMATCH'}: parameters identical on all {world} rank(s)")
+    return 0 if same else 1
+
+
+def train(args: argparse.Namespace, device: torch.device) -> bool:
+    """Train for ``args.epochs``; whether every rank ends with the same parameters."""
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
@@ -109,16 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         everyone = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(everyone, flat)
-        same = all(torch.equal(everyone[0], other) for other in everyone)
-        # Tear down together: a rank that closes its connections while another is still
-        # inside a collective can abort that rank's gloo threads at exit.
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
-        same = True
-    if rank == 0:
-        print(f"{'OK' if same else 'MISMATCH'}: parameters identical on all {world} rank(s)")
-    return 0 if same else 1
+        return all(torch.equal(everyone[0], other) for other in everyone)
+    return True
 
 
 if __name__ == "__main__":

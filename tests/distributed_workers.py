@@ -353,7 +353,7 @@ def _ddp_carried(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
 def _ddp_step_batch_sizes(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # step_batch on 6 samples on rank 0 and 10 on rank 1, in micro-batches of 4: each step on
     # the mean over all 16 samples, although the ranks run 2 and 3 micro-batches. The second
-    # step starts with the ranks' micro-batch counts apart (2 and 3), which is no error.
+    # step starts after the ranks ran different numbers of pieces, which is no error.
     model = ddp_model()
     optimizer = make_optimizer("sgd", model.parameters())
     mine = slice(0, 6) if rank == 0 else slice(6, 16)
