@@ -503,6 +503,34 @@ def _ddp_sync_each(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     return {"sync_each": (params_of(model.module), len(syncs), acc.optimizer_steps)}
 
 
+def _ddp_bfloat16(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # bfloat16 weights: the window's float32 sums are averaged once, in float32, by the
+    # library (DDP's buckets hold bfloat16); DDP's own all-reduce never runs.
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        return {"bfloat16": None}  # float32 sums need Tensor.grad_dtype (torch >= 2.10)
+    with _SEEDING:
+        net = Net().to(torch.bfloat16)
+    model = DDP(net)
+    syncs: list[int] = []
+    model.register_comm_hook(None, counting_hook(syncs))
+    optimizer = make_optimizer("sgd", model.parameters())
+    sums = []
+    with Accumulator(model, optimizer, DDP_K) as acc:
+        for x, y in micro:
+            out = model(x.to(torch.bfloat16))
+            acc.backward(nn.functional.mse_loss(out, y.to(torch.bfloat16)))
+            if acc.sync_gradients:
+                sums.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+    refused = None
+    try:
+        Accumulator(model, optimizer, DDP_K, sync_each_micro_batch=True)
+    except ValueError as error:
+        refused = str(error)
+    return {"bfloat16": (sums, len(syncs), acc.optimizer_steps, refused)}
+
+
 # Each part of ddp_scenarios and the keys of the results it gives.
 DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "exact": (
@@ -530,6 +558,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "forwards_differ": (_ddp_forwards_differ, ("forwards_differ",)),
     "mixed_calls": (_ddp_mixed_calls, ("mixed_calls",)),
     "sync_each": (_ddp_sync_each, ("sync_each",)),
+    "bfloat16": (_ddp_bfloat16, ("bfloat16",)),
 }
 
 
@@ -617,6 +646,16 @@ def fsdp_scenarios(rank: int, world: int) -> dict[str, Any]:
         results["partial_unknown_length"] = None
     except RuntimeError as error:
         results["partial_unknown_length"] = str(error)
+
+    # bfloat16 sharded parameters: FSDP2 accumulates unsharded gradients itself.
+    with _SEEDING:
+        model = Net().to(torch.bfloat16)
+    fully_shard(model, mesh=mesh)
+    try:
+        Accumulator(model, make_optimizer("sgd", model.parameters()), 4)
+        results["bfloat16_refused"] = None
+    except ValueError as error:
+        results["bfloat16_refused"] = str(error)
 
     # Rank 1 poisons the gradient of probe[0], which after the reduce-scatter only rank 0's
     # shard holds: every rank must still skip that window (and apply the next one).

@@ -24,6 +24,8 @@ from distributed_workers import (
 )
 from torch import nn
 
+from torch_accum._precision import HAS_GRAD_DTYPE
+
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without distributed"
 )
@@ -334,6 +336,14 @@ def test_fsdp2_weighted_gives_the_global_mean_and_sync_is_restored(fsdp):
 
 
 @fsdp2_on_cpu
+@pytest.mark.skipif(not HAS_GRAD_DTYPE, reason="float32 accumulation needs Tensor.grad_dtype")
+def test_fsdp2_bfloat16_parameters_are_refused_naming_the_mixed_precision_policy(fsdp):
+    for rank in fsdp:
+        assert "MixedPrecisionPolicy(param_dtype=torch.bfloat16" in rank["bfloat16_refused"]
+        assert "accumulation_dtype=None" in rank["bfloat16_refused"]
+
+
+@fsdp2_on_cpu
 def test_fsdp2_non_finite_gradient_in_one_shard_skips_on_every_rank(fsdp):
     # Without a scaler or clipping each rank checks its own shards; the inf lands in one.
     initial = [p.detach() for p in make_net().parameters()]
@@ -363,3 +373,24 @@ def test_ranks_running_different_numbers_of_forwards_raise_naming_the_counts(ddp
             "ranks ran different numbers of micro-batches (rank 0 ran 0 micro-batches, then "
             "started another forward; rank 1 ran 1 micro-batches, then started another forward)"
         )
+
+
+@pytest.mark.skipif(not HAS_GRAD_DTYPE, reason="float32 accumulation needs Tensor.grad_dtype")
+def test_ddp_bfloat16_weights_average_the_float32_sums_once_per_window(ddp):
+    # The first window in one process, over both ranks' micro-batches, summed in float32:
+    # the same gradient up to the order of the float32 additions.
+    model = make_net().to(torch.bfloat16)
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
+    for r in (0, 1):
+        for x, y in rank_micro_batches(global_batches(3, 2 * K * B), r, 2, K)[:K]:
+            model.zero_grad()
+            nn.functional.mse_loss(model(x.to(torch.bfloat16)), y.to(torch.bfloat16)).backward()
+            for total, p in zip(expected, model.parameters(), strict=True):
+                total += p.grad.float() / (2 * K)
+    for rank in ddp:
+        sums, syncs, steps, refused = rank["bfloat16"]
+        assert (syncs, steps) == (0, 3)  # DDP's own all-reduce never ran
+        for got, want in zip(sums[0], expected, strict=True):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert "sync_each_micro_batch=False" in refused

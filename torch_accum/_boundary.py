@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from torch_accum._gradients import clip_, total_norm
+from torch_accum._precision import GradientPrecision
 from torch_accum._window import Window, WindowState
 
 logger = logging.getLogger("torch_accum.accumulator")
@@ -50,6 +51,8 @@ class BoundaryUpdate:
         self.scaler = scaler
         self.max_grad_norm = max_grad_norm
         self.on_nonfinite = on_nonfinite
+        # Casts float32 sums of low-precision parameters back just before the step.
+        self.precision = GradientPrecision(None)
         self._parameters: list[torch.Tensor] = []
         self._parameters_shape: list[int] = []
         # Per apply(): the state to return to if no optimizer stepped, the state it ends
@@ -145,6 +148,7 @@ class BoundaryUpdate:
             return
         if norm is not None:
             clip_(grads, self.max_grad_norm, norm)  # type: ignore[arg-type]
+        self.precision.narrow()
         for optimizer in self.optimizers:
             optimizer.step()
             # From the first step on, the window counts as applied: a retry must not repeat it.
@@ -162,6 +166,7 @@ class BoundaryUpdate:
             if grads:
                 # Non-finite gradients turn into NaN here; the scaler then skips the step.
                 clip_(grads, self.max_grad_norm, total_norm(grads))
+        self.precision.narrow()
         scale_before = scaler.get_scale()
         for optimizer in self.optimizers:
             scaler.step(optimizer)

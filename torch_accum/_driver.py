@@ -20,6 +20,7 @@ from torch import nn
 from torch_accum._boundary import BoundaryUpdate
 from torch_accum._gradients import BackwardSeeds, FiniteCheck, has_nonzero
 from torch_accum._interception import GradientWatch, LoopInterception
+from torch_accum._precision import LOW_PRECISION, GradientPrecision
 from torch_accum._state import RunState
 from torch_accum._window import Window, WindowState
 from torch_accum.distributed import GradientSync
@@ -53,6 +54,7 @@ class WindowDriver:
         *,
         partial_window: str,
         sync_each_micro_batch: bool,
+        precision: GradientPrecision | None = None,
     ) -> None:
         self.model = model
         self.optimizers = optimizers
@@ -62,6 +64,7 @@ class WindowDriver:
         self.sync = sync
         self.partial_window = partial_window
         self.sync_each_micro_batch = sync_each_micro_batch
+        self.precision = precision if precision is not None else GradientPrecision(None)
         # Gradients must not change between the micro-batches of a window (FSDP2 keeps
         # unsynchronised gradients internally, so there is nothing to watch).
         self.watch = GradientWatch() if sync is None or sync.is_ddp else None
@@ -145,6 +148,11 @@ class WindowDriver:
             self.clear_stale_gradients()
             window = self.run.window = Window(length)
         window.length = length
+        if length > 1:  # one micro-batch adds nothing up: no wider sums needed
+            self.precision.widen(self.boundary.parameters())
+        if self.sync is not None:
+            # DDP would reduce float32 sums in the parameters' dtype: average them here.
+            self.sync.reduces_itself = self.precision.widened
         window.weighted = weighted
         window.synchronise_in_backward = not by_runner
         if by_runner or self.sync is None:
@@ -168,11 +176,22 @@ class WindowDriver:
         to_backward = loss if scaler is None else scaler.scale(loss)
         if self.sync is not None:
             self.sync.before_backward(synchronising)
+        seed_weight = relative_weight
+        if factor != 1.0 and to_backward.dtype in LOW_PRECISION:
+            # A bfloat16 seed of 1/3 is 0.333984: every gradient of the window would be
+            # 0.2% too large, and a correction that small rounds away in bfloat16. Seed
+            # with a value the dtype holds exactly instead; the window's correction divides
+            # by the seeds actually used (see BackwardSeeds.representable).
+            # Float32 sums take the whole 1/K at the close: seeded with the weight alone, a
+            # float16 gradient is no smaller than at K = 1 (1/256 of it would underflow).
+            length = 1 if self.precision.widened else window.length
+            factor = self.seeds.representable(relative_weight, length, to_backward.dtype)
+            seed_weight = factor * window.length
         seed = None if factor == 1.0 else self.seeds.get(to_backward, factor)
         to_backward.backward(seed)  # type: ignore[no-untyped-call]
         if seed is not None:
             self.seeds.release(seed, factor)
-        window.add(relative_weight, loss)
+        window.add(relative_weight, loss, seed_weight)
         self.run.block_micro_batches += 1
         if not window.synchronise_in_backward:
             self.run.block_runner_micro_batches += 1
@@ -226,6 +245,7 @@ class WindowDriver:
             self.watch.forget()
         self.interception.forget_unscale(window.unscaled)
         self.clear_gradients()
+        self.precision.narrow()
         window.cleared_by_loop.update(range(len(self.optimizers)))
 
     def clear_gradients(self) -> None:

@@ -106,6 +106,7 @@ class BackwardSeeds:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[float, torch.dtype, torch.device], tuple[torch.Tensor, int]] = {}
+        self._rounded: dict[tuple[float, torch.dtype], float] = {}
 
     @staticmethod
     def _references(seed: torch.Tensor) -> int:
@@ -120,6 +121,20 @@ class BackwardSeeds:
             seed = torch.full_like(loss, factor)
             cached = self._cache[key] = (seed, self._references(seed))
         return cached[0]
+
+    def representable(self, relative_weight: float, length: int, dtype: torch.dtype) -> float:
+        """A seed for ``relative_weight / length`` that ``dtype`` holds exactly.
+
+        ``relative_weight`` times the power of two at or below ``1 / length``, rounded to
+        ``dtype`` (no device sync): exact for equal weights, and otherwise off by the
+        rounding of the weight alone, never by a factor that depends on ``length``.
+        """
+        power_of_two = 2.0 ** -((length - 1).bit_length())
+        key = (relative_weight * power_of_two, dtype)
+        rounded = self._rounded.get(key)
+        if rounded is None:
+            rounded = self._rounded[key] = float(torch.tensor(key[0], dtype=dtype))
+        return rounded
 
     def release(self, seed: torch.Tensor, factor: float) -> None:
         """After backward: forget ``seed`` if autograd kept or changed it."""

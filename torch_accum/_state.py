@@ -119,6 +119,6 @@ def _load_gradients(params: list[torch.Tensor], gradients: list[torch.Tensor | N
                 "model and optimizer"
             )
     for param, grad in zip(params, gradients, strict=True):
-        param.grad = (
-            None if grad is None else grad.to(device=param.device, dtype=param.dtype, copy=True)
-        )
+        # A parameter accumulating in a wider dtype (_precision.py) takes its sum as saved.
+        dtype = getattr(param, "grad_dtype", None) or param.dtype
+        param.grad = None if grad is None else grad.to(device=param.device, dtype=dtype, copy=True)

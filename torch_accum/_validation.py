@@ -186,6 +186,24 @@ def check_micro_batch_size(value: object) -> int | Literal["auto"] | None:
     return value
 
 
+def check_accumulation_dtype(value: object) -> torch.dtype | None:
+    """None (each parameter's own dtype) or a floating dtype of at least 32 bits."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(
+            f"accumulation_dtype must be a floating torch.dtype or None, got "
+            f"{_describe(value)}; pass torch.float32 (the default) to accumulate bfloat16 and "
+            "float16 gradients in float32, or None to accumulate in each parameter's dtype"
+        )
+    if torch.finfo(value).bits < 32:
+        raise ValueError(
+            f"accumulation_dtype must hold at least 32 bits, got {value}; pass torch.float32, "
+            "or None to accumulate in each parameter's own dtype"
+        )
+    return value
+
+
 def check_weight(weight: object) -> float:
     """Turn ``weight`` (number or one-element tensor) into a positive finite float."""
     if isinstance(weight, torch.Tensor):

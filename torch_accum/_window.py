@@ -114,6 +114,10 @@ class Window:
         self.reference_weight = 1.0
         self.weighted = False
         self.relative_weights: list[float] = []
+        # ``K * seed`` per micro-batch: the relative weight its gradient actually got, which
+        # differs from ``relative_weights`` when the seed was rounded to a bfloat16 or
+        # float16 loss's dtype.
+        self.seed_weights: list[float] = []
         self.losses: list[torch.Tensor] = []
         # Whether the complete window holds inf/NaN, when closing it checked (else None).
         self.nonfinite: bool | None = None
@@ -160,19 +164,27 @@ class Window:
         """``weight`` relative to the window's reference weight (set at its first add)."""
         return weight / self.reference_weight
 
-    def add(self, relative_weight: float, loss: torch.Tensor) -> None:
+    def add(
+        self, relative_weight: float, loss: torch.Tensor, seed_weight: float | None = None
+    ) -> None:
         if self.state is not WindowState.ACCUMULATING:
             raise InvalidTransitionError(
                 f"a window that is {self.state.value} takes no micro-batch"
             )
         self.count += 1
         self.relative_weights.append(relative_weight)
+        self.seed_weights.append(relative_weight if seed_weight is None else seed_weight)
         self.losses.append(loss.detach())
 
     @property
     def correction(self) -> float:
         """The factor that turns the summed scaled gradients into the weighted mean."""
-        return self.length / self.relative_weight_sum
+        return self.length / sum(self.seed_weights)
+
+    @property
+    def seed_rounding(self) -> float:
+        """How much the seeds' rounding to the loss's dtype scaled the sum (1 when exact)."""
+        return sum(self.seed_weights) / self.relative_weight_sum
 
     def mean_loss(self) -> float:
         """Weighted mean of the losses: ``sum(w_i * loss_i) / sum(w_i)``."""
@@ -194,6 +206,7 @@ class Window:
             "reference_weight": self.reference_weight,
             "weighted": self.weighted,
             "relative_weights": list(self.relative_weights),
+            "seed_weights": list(self.seed_weights),
             "losses": losses,
         }
 
@@ -205,8 +218,10 @@ class Window:
         window.reference_weight = float(state["reference_weight"])
         window.weighted = bool(state.get("weighted", False))
         window.relative_weights = [float(w) for w in state["relative_weights"]]
+        window.seed_weights = [float(w) for w in state.get("seed_weights", window.relative_weights)]
         window.losses = list(state["losses"].unbind(0))
-        if not (len(window.relative_weights) == len(window.losses) == window.count):
+        lengths = (len(window.relative_weights), len(window.seed_weights), len(window.losses))
+        if not (lengths[0] == lengths[1] == lengths[2] == window.count):
             raise ValueError(
                 f"state_dict['window'] is inconsistent: count={window.count}, "
                 f"{len(window.relative_weights)} weights, {len(window.losses)} losses; pass a dict "

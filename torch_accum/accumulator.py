@@ -18,8 +18,10 @@ from torch import nn
 from torch_accum._boundary import BoundaryUpdate
 from torch_accum._driver import WindowDriver
 from torch_accum._interception import LoopInterception
+from torch_accum._precision import GradientPrecision, unsupported_reason
 from torch_accum._state import RunState
 from torch_accum._validation import (
+    check_accumulation_dtype,
     check_accumulation_steps,
     check_choice,
     check_flag,
@@ -85,6 +87,18 @@ class Accumulator:
             untouched, counted in ``skipped_steps``, a warning) or raises a ``RuntimeError``
             naming the parameters (``"raise"``). With a scaler, the scaler's skip and
             back-off apply instead.
+        accumulation_dtype: the dtype in which the gradients of narrower parameters
+            (bfloat16, float16) add up over a window of more than one micro-batch:
+            ``torch.float32`` (default) keeps the window's sum as precise as one
+            micro-batch's gradient (unscale, inf/NaN check and clipping run on it, and it
+            is cast to the parameter's dtype once, just before the step); ``None``
+            accumulates in each parameter's own dtype, which rounds the sum on every
+            micro-batch (for bfloat16 at K = 256, 4x the error of K = 1) but holds half
+            the gradient memory. float32 and float64 parameters are never touched. Needs
+            ``Tensor.grad_dtype`` (torch >= 2.10) when the model has such parameters;
+            under FSDP2 keep float32 sharded parameters and use
+            ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``
+            instead. See docs/precision.md.
         checkpointing: run blocks of ``model`` under non-reentrant activation
             checkpointing while the ``with`` block runs: ``True`` (or ``"full"``) for the
             model's residual blocks / transformer layers, ``"selective"`` to also keep
@@ -138,6 +152,7 @@ class Accumulator:
         max_grad_norm: float | None = None,
         partial_window: PartialWindow = "apply",
         on_nonfinite: OnNonFinite = "skip",
+        accumulation_dtype: torch.dtype | None = torch.float32,
         checkpointing: CheckpointPolicy | None = False,
         sync_each_micro_batch: bool = False,
         total_micro_batches: int | None = None,
@@ -172,6 +187,7 @@ class Accumulator:
             else ActivationCheckpointing(self.model, checkpointing)
         )
         self._run = RunState(check_accumulation_steps(accumulation_steps))
+        self._precision = GradientPrecision(check_accumulation_dtype(accumulation_dtype))
         self._boundary = BoundaryUpdate(
             self.model,
             self.optimizers,
@@ -184,6 +200,12 @@ class Accumulator:
             self.model, self.optimizers, self.schedulers, self.scaler
         )
         self._sync = GradientSync.for_model(self.model, self.sync_each_micro_batch)
+        self._precision.refusal = self._precision_refusal()
+        if self._precision.refusal is not None and (
+            self.accumulation_steps > 1 or self._runner is not None
+        ):
+            raise ValueError(self._precision.refusal)
+        self._boundary.precision = self._precision
         self._driver = WindowDriver(
             self.model,
             self.optimizers,
@@ -193,8 +215,32 @@ class Accumulator:
             self._sync,
             partial_window=self.partial_window,
             sync_each_micro_batch=self.sync_each_micro_batch,
+            precision=self._precision,
         )
         self._active = False
+
+    def _precision_refusal(self) -> str | None:
+        """Why ``accumulation_dtype`` cannot apply to this model here (None: it can)."""
+        params = self._boundary.parameters()
+        reason = unsupported_reason(params, self._precision.dtype)
+        if reason is not None or not self._precision.applies_to(params) or self._sync is None:
+            return reason
+        dtype = self._precision.dtype
+        if not self._sync.is_ddp:
+            return (
+                f"accumulation_dtype={dtype} does not apply under FSDP2, which accumulates "
+                "unsharded gradients itself: keep the sharded parameters in float32 with "
+                "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+                "reduce_dtype=torch.float32)), or pass accumulation_dtype=None"
+            )
+        if self.sync_each_micro_batch:
+            return (
+                f"accumulation_dtype={dtype} with sync_each_micro_batch=True: DDP would "
+                "all-reduce every micro-batch in the parameters' dtype. Pass "
+                "sync_each_micro_batch=False (the window's float32 sum is then averaged once, "
+                "in float32), or accumulation_dtype=None"
+            )
+        return None
 
     # ------------------------------------------------------------------ observability
     @property
@@ -305,7 +351,12 @@ class Accumulator:
         finally:
             self._active = False
             self._driver.block_end = None
-            self._restore()
+            try:
+                self._restore()
+            finally:
+                # A pending window keeps its float32 sums for the next block or state_dict.
+                if not self._run.window.pending:
+                    self._precision.narrow()
 
     def _restore(self) -> None:
         if self._driver.progress is not None:
@@ -492,7 +543,14 @@ class Accumulator:
         if self._run.window.state is WindowState.APPLYING:
             raise RuntimeError("load_state_dict() cannot run during an optimizer update")
         driver = self._driver
-        self._run.load_state_dict(state_dict, self._boundary.parameters(), driver.finite_check)
+        params = self._boundary.parameters()
+        saved = state_dict.get("gradients")
+        if saved is not None and any(
+            g is not None and g.dtype != p.dtype for g, p in zip(saved, params, strict=False)
+        ):
+            # Sums saved in float32 go back into float32 gradients, bitwise.
+            self._precision.widen(params)
+        self._run.load_state_dict(state_dict, params, driver.finite_check)
         if driver.watch is not None:
             driver.watch.record(self.optimizers)
 

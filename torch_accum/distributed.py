@@ -111,6 +111,9 @@ class GradientSync:
         # flag of its latest backward (FSDP2): what says whether its gradients are averaged.
         self._forward_flags: list[bool] = []
         self._last_backward_synchronised = False
+        # The window accumulates float32 sums of low-precision parameters (_precision.py),
+        # which DDP's buckets cannot take: the window is averaged here, in float32.
+        self.reduces_itself = False
         # Training forwards of the block, compared in every agreement.
         self._forwards = 0
         # The block's micro-batch count was agreed at entry: no per-forward agreement.
@@ -151,7 +154,9 @@ class GradientSync:
                 if not self._counts_agreed:
                     self.agree(Step.FORWARD)
             if self.is_ddp:
-                flag = loop.next_is_last() or self.sync_each_micro_batch
+                flag = (
+                    loop.next_is_last() or self.sync_each_micro_batch
+                ) and not self.reduces_itself
                 self._forward_flags.append(flag)
                 cast(DistributedDataParallel, module).require_backward_grad_sync = flag
 
@@ -230,8 +235,9 @@ class GradientSync:
             self.average_pending(grads)
         self._forward_flags.clear()
         if not window.weighted:
-            # Every rank ran the same count (the agreements say so): K / count everywhere.
-            return window.length / window.count
+            # Every rank ran the same count (the agreements say so): K / count everywhere,
+            # and so the same seeds, whose rounding the correction undoes.
+            return window.length / window.count / window.seed_rounding
         # Averaged over R ranks the gradient is sum(w g) / (R K w_ref); make it sum(w g) / W.
         total = sum(self.agree(Step.WINDOW_WEIGHTS, window.weight_sum))
         if runner:
