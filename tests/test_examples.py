@@ -204,3 +204,15 @@ def test_sweep_without_a_working_matplotlib_skips_only_the_plot(tmp_path):
     assert "fixed effective batch: losses identical across K" in result.stdout
     assert not plot.exists()
     assert "Traceback" not in result.stderr
+
+
+def test_precision_benchmark_smoke():
+    result = run("benchmarks/precision.py", "--smoke", timeout=240)
+    assert result.returncode == 0, result.stderr
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith("| MLP") or line.startswith("| GPT")
+    ]
+    assert len(rows) == 12  # 2 models x 2 dtypes x K in {1, 3, 4}
+    assert "float32 / param dtype" in result.stdout

@@ -391,3 +391,97 @@ def test_a_torch_without_grad_dtype_is_refused_naming_the_version_and_the_altern
     x, y = data(MICRO, torch.bfloat16)
     with acc, pytest.raises(ValueError, match=r"torch 2\.10 or newer"):
         acc.backward(nn.functional.mse_loss(model(x), y))
+
+
+class RunsOutOfMemoryAbove(nn.Module):
+    """Raises torch.OutOfMemoryError for micro-batches larger than ``limit`` samples."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit = model, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"injected: {len(x)} > {self.limit}")
+        return self.model(x)
+
+
+@needs_grad_dtype
+def test_an_out_of_memory_replay_starts_again_from_clean_float32_sums():
+    x, y = data(4 * MICRO, torch.bfloat16)
+    applied = []
+    for limit in (4 * MICRO, MICRO):  # no replay; replays 256 -> 128 -> 64
+        model = RunsOutOfMemoryAbove(mlp(torch.bfloat16), limit)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer.register_step_pre_hook(
+            lambda *_, m=model: applied.append([p.grad.clone() for p in m.parameters()])
+        )
+        acc = Accumulator(model, optimizer, micro_batch_size="auto", max_micro_batch_size=256)
+        with acc:
+            acc.step_batch((x, y), lambda b, m=model: nn.functional.mse_loss(m(b[0]), b[1]))
+        assert acc.oom_retries == (0 if limit > MICRO else 2)
+    replayed = applied[1]
+    summed = hand_float32_sum(mlp(torch.bfloat16), zip(x.split(MICRO), y.split(MICRO)), 4)
+    for got, want in zip(replayed, summed, strict=True):
+        torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@needs_grad_dtype
+def test_two_optimizers_step_on_their_own_cast_float32_sums():
+    model = mlp(torch.bfloat16)
+    x, y = data(3 * MICRO, torch.bfloat16)
+    batches = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
+    summed = hand_float32_sum(model, batches, 3)
+    expected = [
+        p.detach() - (0.5 * g).to(torch.bfloat16)
+        for p, g in zip(model.parameters(), summed, strict=True)
+    ]
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    optimizers = [torch.optim.SGD(first, lr=0.5), torch.optim.SGD(second, lr=0.5)]
+    with Accumulator(model, optimizers, 3) as acc:
+        for xb, yb in batches:
+            acc.backward(nn.functional.mse_loss(model(xb), yb))
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+    # K = 3 seeds with 1 and divides the float32 sum by 3 at the close: hand_float32_sum's
+    # (loss / 3) rounds 1/3 per micro-batch, so agreement is to bfloat16 rounding.
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-2, atol=1e-3)
+    assert acc.optimizer_steps == 1
+    assert all(p.grad is None and p.grad_dtype == torch.bfloat16 for p in model.parameters())
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.linear(x))
+
+
+@needs_grad_dtype
+def test_checkpointed_blocks_give_the_same_float32_sums():
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(Residual(), Residual(), Residual(), nn.Linear(64, 1)).to(
+            torch.bfloat16
+        )
+
+    x, y = data(4 * MICRO, torch.bfloat16)
+    sums = []
+    for checkpointing in (False, True):
+        model = build()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer.register_step_pre_hook(
+            lambda *_, m=model: sums.append([p.grad.clone() for p in m.parameters()])
+        )
+        with Accumulator(model, optimizer, 4, checkpointing=checkpointing) as acc:
+            for xb, yb in zip(x.split(MICRO), y.split(MICRO), strict=True):
+                acc.backward(nn.functional.mse_loss(model(xb), yb))
+                optimizer.step()
+        assert acc.checkpointed_modules == (("0", "1", "2") if checkpointing else ())
+    for plain, checkpointed in zip(*sums, strict=True):
+        assert checkpointed.dtype == torch.bfloat16
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
