@@ -428,8 +428,9 @@ def section_oom(ctx: Context, sec: Section) -> None:
         free_memory(ctx)
     else:
         batch, capacity = 32, 8
-        sec.notes.append(f"CPU smoke: out-of-memory simulated (raised above {capacity} samples); "
-                         "the replay and the bitwise comparison are real")  # fmt: skip
+        sec.notes.append(f"CPU smoke: out-of-memory simulated (raised after the forward of "
+                         f"more than {capacity} samples: dropout drew random numbers, BatchNorm "
+                         "updated its statistics); the replay and the comparison are real")  # fmt: skip
     generator = torch.Generator().manual_seed(2)
     batches = [  # on the host, as a data loader gives them: the cap is for the training
         (
@@ -444,10 +445,11 @@ def section_oom(ctx: Context, sec: Section) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def compute_loss(micro: Any) -> torch.Tensor:
-            if capacity is not None and len(micro[0]) > capacity:
-                raise torch.OutOfMemoryError(f"simulated: {len(micro[0])} > {capacity} samples")
             x, y = micro[0].to(ctx.device), micro[1].to(ctx.device)
-            return nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y)
+            if capacity is not None and len(x) > capacity:  # after the forward, as a real one
+                raise torch.OutOfMemoryError(f"simulated: {len(x)} > {capacity} samples")
+            return loss
 
         torch.manual_seed(3)
         if by_hand:  # the hand loop, at the size the library found
