@@ -303,8 +303,10 @@ def section_syncs(ctx: Context, sec: Section) -> None:
     data = gpt_data(ctx, config, (windows + 1) * k, ctx.size(8, 2))
     fp16 = torch.float16 if ctx.cuda else None
     if not ctx.cuda:
-        sec.notes.append("CPU smoke: counts every aten._local_scalar_dense (CPU tensors too); "
-                         "no set_sync_debug_mode, no autocast")  # fmt: skip
+        sec.notes.append(
+            "CPU smoke: counts every aten._local_scalar_dense (CPU tensors too); "
+            "no set_sync_debug_mode, no autocast"
+        )
     for features in (
         Features("plain"),
         Features("clip", clip=1.0),
@@ -398,26 +400,35 @@ def section_precision(ctx: Context, sec: Section) -> None:
 def make_oom_model(ctx: Context, features: int, hidden: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.1),
-        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(features, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
         nn.Linear(hidden, 10),
-    ).to(ctx.device)  # fmt: skip
+    ).to(ctx.device)
 
 
 def oom_batch_size(ctx: Context, sec: Section, features: int, hidden: int, cap: float) -> int:
     """A batch needing 2.5-5x the room under the cap: 2 or 3 halvings until it fits."""
     model, peaks = make_oom_model(ctx, features, hidden), []
-    for m in (256, 512):
+    for m in (512, 512, 2048):  # the first one warms up (cuBLAS workspace)
+        model.zero_grad(set_to_none=True)  # each peak then holds the gradients alike
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         x = torch.randn(m, features, device=ctx.device)
         nn.functional.cross_entropy(model(x), torch.zeros_like(x[:, 0]).long()).backward()
         peaks.append(torch.cuda.max_memory_allocated() - base)
-    per_sample = (peaks[1] - peaks[0]) / 256
+    per_sample = (peaks[2] - peaks[1]) / (2048 - 512)
     room = cap - 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     batch = 2 ** math.ceil(math.log2(2.5 * room / per_sample))
-    sec.notes.append(f"cap {cap / 2**30:.1f} GiB, {per_sample / 2**10:.0f} KiB per sample: "
-                     f"batch {batch} needs {batch * per_sample / room:.1f}x the room")  # fmt: skip
+    sec.notes.append(
+        f"cap {cap / 2**30:.1f} GiB, {per_sample / 2**10:.0f} KiB per sample: "
+        f"batch {batch} needs {batch * per_sample / room:.1f}x the room"
+    )
     return batch
 
 
@@ -428,9 +439,9 @@ def section_oom(ctx: Context, sec: Section) -> None:
         free_memory(ctx)
     else:
         batch, capacity = 32, 8
-        sec.notes.append(f"CPU smoke: out-of-memory simulated (raised after the forward of "
-                         f"more than {capacity} samples: dropout drew random numbers, BatchNorm "
-                         "updated its statistics); the replay and the comparison are real")  # fmt: skip
+        note = "CPU smoke: out-of-memory simulated (raised after the forward of more than "
+        note += f"{capacity} samples: dropout drew random numbers, BatchNorm updated its "
+        sec.notes.append(note + "statistics); the replay and the comparison are real")
     generator = torch.Generator().manual_seed(2)
     batches = [  # on the host, as a data loader gives them: the cap is for the training
         (
@@ -478,8 +489,14 @@ def section_oom(ctx: Context, sec: Section) -> None:
     pairs = zip(state(hand), state(reference), strict=True)
     gap = max((a.double() - b.double()).abs().max().item() for a, b in pairs)
     size, retries = acc.micro_batch_size, acc.oom_retries
-    sec.row(loop="torch_accum, auto", batch=batch, micro_batch_size=size, oom_retries=retries,
-            seconds=seconds, equal_tensors=f"{sum(equal)}/{len(equal)}")  # fmt: skip
+    sec.row(
+        loop="torch_accum, auto",
+        batch=batch,
+        micro_batch_size=size,
+        oom_retries=retries,
+        seconds=seconds,
+        equal_tensors=f"{sum(equal)}/{len(equal)}",
+    )
     sec.row(loop="torch_accum, that size from the start", micro_batch_size=acc.micro_batch_size)
     sec.row(loop="hand loop, that size", max_abs_diff_vs_reference=gap)
     sec.target("out-of-memory retries", acc.oom_retries, "1 to 3", 1 <= acc.oom_retries <= 3)
@@ -548,8 +565,10 @@ def section_fits(ctx: Context, sec: Section) -> None:
         sec.notes.append(f"cap {cap / 2**30:.2f} GiB of {total / 2**30:.0f} GiB")
     else:
         cap = free["peak_mib"] * 2**20 / 2
-        sec.notes.append("CPU smoke: peak = measure_activation_memory of one micro-batch; "
-                         "a virtual cap of half the whole batch's peak; perf_counter")  # fmt: skip
+        sec.notes.append(
+            "CPU smoke: peak = measure_activation_memory of one micro-batch; "
+            "a virtual cap of half the whole batch's peak; perf_counter"
+        )
     settings = {
         "hand loop, whole batch": ("hand", False, [(x, y)]),
         "hand loop, K micro-batches": ("hand", False, micro),
@@ -588,8 +607,12 @@ def section_fits(ctx: Context, sec: Section) -> None:
         free_memory(ctx)
         allocator = memory["cuda"] if ctx.cuda else None
         gap = abs(memory["peak"] - allocator) / allocator if allocator else None
-        sec.row(setting=f"one micro-batch, checkpointing={policy}", meter_peak_mib=memory["peak"],
-                allocator_peak_mib=allocator, meter_vs_allocator=gap)  # fmt: skip
+        sec.row(
+            setting=f"one micro-batch, checkpointing={policy}",
+            meter_peak_mib=memory["peak"],
+            allocator_peak_mib=allocator,
+            meter_vs_allocator=gap,
+        )
         name = f"measure_activation_memory vs allocator peak, checkpointing={policy}"
         ctx.gpu_target(sec, name, gap, "within 5%", gap is not None and gap <= 0.05)
 
@@ -609,11 +632,15 @@ def section_overhead(ctx: Context, sec: Section) -> None:
             times = interleaved(ctx, runs, ctx.size(7, 2))
             ratio = ratios(times, "torch_accum", "hand")
             per_micro = {n: statistics.median(t) / len(data) * 1e3 for n, t in times.items()}
-            sec.row(model=f"{label} GPT ({config.layers}x{config.width})", k=k,
-                    hand_ms_per_micro_batch=per_micro["hand"],
-                    torch_accum_ms_per_micro_batch=per_micro["torch_accum"],
-                    median_ratio=statistics.median(ratio), min_ratio=min(ratio),
-                    max_ratio=max(ratio))  # fmt: skip
+            sec.row(
+                model=f"{label} GPT ({config.layers}x{config.width})",
+                k=k,
+                hand_ms_per_micro_batch=per_micro["hand"],
+                torch_accum_ms_per_micro_batch=per_micro["torch_accum"],
+                median_ratio=statistics.median(ratio),
+                min_ratio=min(ratio),
+                max_ratio=max(ratio),
+            )
             if (label, k) == ("medium", 4):
                 value = statistics.median(ratio)
                 ctx.gpu_target(sec, "overhead: medium GPT, K=4", value, "<= 1.02", value <= 1.02)
@@ -633,11 +660,11 @@ def overhead_run(
 def section_compile(ctx: Context, sec: Section) -> None:
     import torch._dynamo
 
-    k, config = 4, SMALL[ctx.smoke]
+    k, config = 4, ctx.size(GPTConfig(context=128, width=256, heads=4, layers=2), SMALL[True])
     backend = "inductor" if ctx.cuda else "aot_eager"
     sec.notes.append(f"backend {backend}" + ("" if ctx.cuda else " (CPU smoke)"))
-    sec.notes.append("graphs: new graphs compiled by a call (0 on a variant's first call: it "
-                     "reused a graph compiled for an earlier variant)")  # fmt: skip
+    note = f"GPT {config.layers}x{config.width}, K={k}; graphs: new graphs compiled by a call"
+    sec.notes.append(note + " (0 on a first call: a graph compiled before was reused)")
     counters = torch._dynamo.utils.counters
     names = [n for n in ("cache_size_limit", "recompile_limit") if hasattr(torch._dynamo.config, n)]
     limits = {n: getattr(torch._dynamo.config, n) for n in names}
@@ -664,7 +691,8 @@ def section_compile(ctx: Context, sec: Section) -> None:
                 if policy is None
                 else Accumulator(compiled, optimizer, k, checkpointing=policy)
             )
-            row = rows[name] = {}
+            row = rows[name] = {"variant": name, "graphs": 0}
+            sec.rows.append(row)  # filled in as it is measured: a timeout keeps what was
 
             def run(c=compiled, o=optimizer, a=acc, row=row) -> None:  # type: ignore[no-untyped-def]
                 before = counters["stats"]["unique_graphs"]
@@ -681,13 +709,12 @@ def section_compile(ctx: Context, sec: Section) -> None:
             runs[name] = run
             for call in ("first", "second"):
                 counters.clear()
-                row["graphs"] = 0
                 row[f"{call}_call_s"] = timed(ctx, run)
-                row[f"graphs_{call}_call"] = row.pop("graphs")
+                row[f"graphs_{call}_call"], row["graphs"] = row["graphs"], 0
                 if call == "first":
                     reasons = counters["graph_break"].items()
                     breaks = {r.splitlines()[0][:100]: n for r, n in reasons}
-            row.update(graph_breaks=sum(breaks.values()), graph_break_reasons=breaks, graphs=0)
+                    row.update(graph_breaks=sum(breaks.values()), graph_break_reasons=breaks)
         times = interleaved(ctx, runs, ctx.size(7, 2))
         for reference, name in (
             ("hand, compiled", "torch_accum, compiled"),
@@ -697,20 +724,18 @@ def section_compile(ctx: Context, sec: Section) -> None:
                 pairs = zip(
                     models[variant].parameters(), models[reference].parameters(), strict=True
                 )
-                gap = max((a - b).abs().max().item() for a, b in pairs)
-                rows[variant]["graphs_while_timing"] = rows[variant].pop("graphs")
-                ms = statistics.median(times[variant]) / len(data) * 1e3
-                ratio = statistics.median(ratios(times, variant, reference))
-                sec.row(variant=variant, **rows[variant], ms_per_micro_batch=ms,
-                        ratio_vs_hand=ratio, max_abs_param_diff_vs_hand=gap)  # fmt: skip
+                rows[variant].update(
+                    graphs_while_timing=rows[variant].pop("graphs"),
+                    ms_per_micro_batch=statistics.median(times[variant]) / len(data) * 1e3,
+                    ratio_vs_hand=statistics.median(ratios(times, variant, reference)),
+                    max_abs_param_diff_vs_hand=max((a - b).abs().max().item() for a, b in pairs),
+                )
             ours, theirs = rows[name]["graph_breaks"], rows[reference]["graph_breaks"]
-            sec.target(
-                f"{name}: graph breaks", ours, f"<= {theirs} (hand)", ours <= theirs, "script"
-            )
+            limit = f"<= {theirs} (hand)"
+            sec.target(f"{name}: graph breaks", ours, limit, ours <= theirs, "script")
             again = rows[name]["graphs_second_call"] + rows[name]["graphs_while_timing"]
-            sec.target(
-                f"{name}: recompilations after the first call", again, "0", again == 0, "script"
-            )
+            name = f"{name}: recompilations after the first call"
+            sec.target(name, again, "0", again == 0, "script")
     finally:
         for name, value in limits.items():
             setattr(torch._dynamo.config, name, value)
@@ -752,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_accum": torch_accum.__version__,
         "python": platform.python_version(),
         "accumulation_dtype_available": HAS_ACCUMULATION_DTYPE,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": 0.0,
     }
