@@ -71,6 +71,7 @@ from gpt import GPT, GPTConfig  # noqa: E402
 import torch_accum  # noqa: E402
 from torch_accum import Accumulator, Checkpointing  # noqa: E402
 
+PACKAGE = str(Path(torch_accum.__file__).parent)
 HAS_ACCUMULATION_DTYPE = "accumulation_dtype" in inspect.signature(Accumulator).parameters
 TOTAL_BUDGET_S = 330.0  # the sections' share of the issue's 6 minutes
 SMALL = {  # by ctx.smoke
@@ -235,7 +236,7 @@ def call_site() -> str:
     last = max(i for i, f in enumerate(stack) if f.name == "__torch_dispatch__")
     wrapper = re.compile(r"_dynamo|torch.(_compile|utils._python_dispatch)")
     frames = [f for f in stack[:last] if not wrapper.search(f.filename)]
-    ours = [f for f in frames if "torch_accum" in Path(f.filename).parts]
+    ours = [f for f in frames if f.filename.startswith(PACKAGE)]
     name = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}"
     if ours and ours[-1] is not frames[-1]:
         name = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name} -> {name}"
@@ -334,25 +335,29 @@ def section_syncs(ctx: Context, sec: Section) -> None:
 def section_precision(ctx: Context, sec: Section) -> None:
     k, windows, config = 4, ctx.size(4, 2), SMALL[ctx.smoke]
     data = gpt_data(ctx, config, windows * k, ctx.size(8, 2))
-    start = [p.detach().double() for p in make_gpt(ctx, config).parameters()]
+
+    def update(model: nn.Module, start: list[torch.Tensor]) -> torch.Tensor:
+        pairs = zip(model.parameters(), start, strict=True)
+        return torch.cat([(p.double() - s).flatten() for p, s in pairs])
 
     def run(loop: str, features: Features, dtype: torch.dtype, poison: int = -1, **extra: Any):  # type: ignore[no-untyped-def]
         """The update (float64) after ``windows`` steps of SGD, the scale after each, the acc."""
         model = make_gpt(ctx, config, dtype)
+        start = [p.detach().double() for p in model.parameters()]
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         steps, acc, scaler = train(ctx, loop, model, optimizer, data, k, features, poison, **extra)
         scales = [scaler.get_scale() for boundary in steps if boundary and scaler is not None]
-        update = [p.double() - s for p, s in zip(model.parameters(), start, strict=True)]
-        return torch.cat([u.flatten() for u in update]), scales, acc
+        return update(model, start), scales, acc
 
     # The float64 reference: each window's micro-batches as one batch, no accumulation.
     windowed = [data[i : i + k] for i in range(0, len(data), k)]
     whole = [(torch.cat([b[0] for b in w]), torch.cat([b[1] for b in w])) for w in windowed]
     model = make_gpt(ctx, config, torch.float64)
+    start = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in hand_loop(ctx, model, optimizer, whole, 1, Features("float64"), None):
         pass
-    exact = torch.cat([(p - s).flatten() for p, s in zip(model.parameters(), start, strict=True)])
+    exact = update(model, start)
     norm = exact.norm().item()
 
     fp16 = Features("fp16 autocast + GradScaler", scaler=True, autocast=torch.float16)
@@ -361,10 +366,10 @@ def section_precision(ctx: Context, sec: Section) -> None:
         (Features("bf16 autocast", autocast=torch.bfloat16), torch.float32, {}),
         (Features("bf16 weights"), torch.bfloat16, {}),
     ]
-    if HAS_ACCUMULATION_DTYPE:
-        cases.append(
-            (Features("bf16 weights"), torch.bfloat16, {"accumulation_dtype": torch.float32})
-        )
+    if HAS_ACCUMULATION_DTYPE:  # without it (None) and with float32 accumulation
+        for dtype in (None, torch.float32):
+            cases.append((Features("bf16 weights"), torch.bfloat16, {"accumulation_dtype": dtype}))
+        del cases[2]
     else:
         sec.notes.append("Accumulator has no accumulation_dtype yet: bf16 weights without it")
     if not ctx.cuda:
