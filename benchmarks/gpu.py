@@ -429,7 +429,7 @@ def oom_batch_size(ctx: Context, sec: Section, features: int, hidden: int, cap: 
         peaks.append(torch.cuda.max_memory_allocated() - base)
     per_sample = (peaks[2] - peaks[1]) / (2048 - 512)
     room = cap - 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-    batch = 2 ** math.ceil(math.log2(2.5 * room / per_sample))
+    batch = min(2**21, 2 ** math.ceil(math.log2(2.5 * room / max(per_sample, 1.0))))
     sec.notes.append(
         f"cap {cap / 2**30:.1f} GiB, {per_sample / 2**10:.0f} KiB per sample: "
         f"batch {batch} needs {batch * per_sample / room:.1f}x the room"
