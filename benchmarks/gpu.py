@@ -749,12 +749,12 @@ def section_compile(ctx: Context, sec: Section) -> None:
 
 # ---------------------------------------------------------------------------- driver
 SECTIONS: dict[str, tuple[Callable[[Context, Section], None], float]] = {
-    "tests": (section_tests, 40),
+    "tests": (section_tests, 50),
     "syncs": (section_syncs, 20),
     "precision": (section_precision, 30),
     "oom": (section_oom, 35),
-    "fits": (section_fits, 60),
-    "overhead": (section_overhead, 55),
+    "fits": (section_fits, 55),
+    "overhead": (section_overhead, 50),
     "compile": (section_compile, 85),
 }
 
