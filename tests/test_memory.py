@@ -242,7 +242,7 @@ def test_dispatch_mode_and_hooks_are_removed_when_forward_or_backward_raises(tin
     assert measure_activation_memory(lambda: (x @ w).relu().sum(), parameters=[w]).peak == 12808
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_max_allocated():
     x = torch.randn(32, 100, device="cuda")
     w = torch.randn(100, 50, device="cuda", requires_grad=True)

@@ -364,7 +364,7 @@ def test_misuse_errors():
         Accumulator(model, optimizer, micro_batch_size=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_real_cuda_out_of_memory_is_recovered():
     device = torch.device("cuda")
     free, _ = torch.cuda.mem_get_info()
