@@ -100,3 +100,22 @@ def test_load_state_dict_rejects_a_mismatch():
         ValueError, match=r"state_dict\['gradients'\] has 4 entries but the optimizer has 2"
     ):
         other.load_state_dict(state)
+
+
+def test_load_state_dict_of_another_objects_state_names_the_dict_it_expects():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"expects the dict returned by acc.state_dict\(\) \(keys accumulation_steps, .*"
+        r"lacks 'accumulation_steps', .* \(its keys: '0.weight', .*model's or the optimizer's",
+    ):
+        acc.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match=r"lacks .*\(its keys: 'state', 'param_groups'\)"):
+        acc.load_state_dict(optimizer.state_dict())
+    with pytest.raises(
+        TypeError, match=r"expects the dict returned by acc.state_dict\(\), got .* list"
+    ):
+        acc.load_state_dict([])
+    assert acc.micro_step == 0 and acc.optimizer_steps == 0
