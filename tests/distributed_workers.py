@@ -392,6 +392,22 @@ def _ddp_step_batch_extra(rank: int, world: int, micro: list[Any]) -> dict[str, 
     return {"step_batch_extra": None}
 
 
+def _ddp_step_batch_empty(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # Rank 1's batch is empty (an uneven last batch cut per rank): every rank raises, naming
+    # rank 1, instead of the others waiting for it at the next collective.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    x, y = global_batches(1, 8)[0]
+    mine = slice(0, 8) if rank == 0 else slice(0, 0)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto")
+    try:
+        with acc:
+            acc.step_batch((x[mine], y[mine]), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+    except ValueError as error:
+        return {"step_batch_empty": (str(error), acc.micro_batch_size)}
+    return {"step_batch_empty": (None, acc.micro_batch_size)}
+
+
 def _ddp_fixed_size_oom(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
     # A fixed micro-batch size does not replay: the rank out of memory raises its error, the
     # others say why they stop too.
@@ -524,6 +540,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
     "step_batch_extra": (_ddp_step_batch_extra, ("step_batch_extra",)),
     "declared_and_not": (_ddp_declared_and_not, ("declared_and_not",)),
+    "step_batch_empty": (_ddp_step_batch_empty, ("step_batch_empty",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
     "collectives": (_ddp_collectives, ("collectives/",)),

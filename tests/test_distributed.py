@@ -257,6 +257,14 @@ def test_a_rank_starting_one_more_step_batch_raises_on_every_rank(ddp):
         )
 
 
+def test_an_empty_step_batch_on_one_rank_raises_on_every_rank_naming_it(ddp):
+    for index, rank in enumerate(ddp):
+        message, size = rank["step_batch_empty"]
+        assert message.startswith("acc.step_batch() got an empty batch on rank(s) 1 (tuple ")
+        assert "on every rank alike" in message
+        assert size == (8 if index == 0 else None)  # rank 1's empty batch sized nothing
+
+
 def test_a_rank_declaring_its_count_where_another_does_not_raises_on_every_rank(ddp):
     # Nothing ran on either rank: only the step each is at tells them apart.
     for rank in ddp:
