@@ -157,10 +157,21 @@ class BoundaryUpdate:
                 scaler.unscale_(optimizer)
                 window.unscaled.add(index)
                 self._rollback = WindowState.UNSCALED
+        if _found_inf(scaler, self.optimizers):
+            # The scaler would skip only the optimizers whose own gradients hold the inf/NaN
+            # (and clipping zeroes the others'): the window is skipped for all of them.
+            scale_before = scaler.get_scale()
+            scaler.update()
+            logger.info(
+                "GradScaler found inf/NaN gradients and skipped the step; scale %s -> %s",
+                scale_before,
+                scaler.get_scale(),
+            )
+            self._outcome = WindowState.SKIPPED
+            return
         if self.max_grad_norm is not None:
             grads = self.grads()
             if grads:
-                # Non-finite gradients turn into NaN here; the scaler then skips the step.
                 clip_(grads, self.max_grad_norm, total_norm(grads))
         scale_before = scaler.get_scale()
         for optimizer in self.optimizers:
@@ -216,3 +227,17 @@ class BoundaryUpdate:
             if not torch.isfinite(values).all():
                 found.append(names.get(id(param), f"<parameter of shape {tuple(param.shape)}>"))
         return found
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Whether ``unscale_`` found an inf/NaN in any optimizer's gradients (one host sync)."""
+    states = scaler._per_optimizer_states
+    flags = [
+        flag
+        for optimizer in optimizers
+        for flag in states[id(optimizer)]["found_inf_per_device"].values()
+    ]
+    if not flags:
+        return False
+    device = flags[0].device
+    return bool(torch.stack([flag.to(device) for flag in flags]).sum().item())
