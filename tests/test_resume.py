@@ -1,5 +1,6 @@
 """Semantics 7: state_dict() / load_state_dict() resume a run mid-window exactly."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,24 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path, uninterrupted,
     assert got["counters"] == expected["counters"]
     assert got["counters"][0] == 3  # windows of 4, 4 and a partial 3
     for a, b in zip(got["params"], expected["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimizers", [[], ["--two-optimizers"]], ids=["one", "two"])
+def test_resume_between_the_completing_backward_and_the_scaler_step(tmp_path, optimizers):
+    # Saved after the 4th acc.backward completed the window, before scaler.step: in the
+    # fresh process the scaler has never scaled a loss when the window is applied.
+    flags = ["--scaler", *optimizers]
+    checkpoint, resumed, expected = (tmp_path / name for name in ("c.pt", "r.pt", "e.pt"))
+    run_worker(str(expected), *flags)
+    run_worker(str(checkpoint), "--stop-after", "4", "--before-step", *flags)
+    assert torch.load(checkpoint)["accumulator"]["window"]["state"] == "complete"
+    run_worker(str(resumed), "--resume", str(checkpoint), *flags)
+
+    got, want = torch.load(resumed), torch.load(expected)
+    assert got["counters"] == want["counters"]
+    assert got["counters"][:2] == (3, 0)  # windows of 4, 4 and a partial 3, none skipped
+    for a, b in zip(got["params"], want["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -119,3 +138,41 @@ def test_load_state_dict_of_another_objects_state_names_the_dict_it_expects():
     ):
         acc.load_state_dict([])
     assert acc.micro_step == 0 and acc.optimizer_steps == 0
+
+
+def test_a_loop_unscaling_a_resumed_complete_window_with_a_fresh_scaler():
+    # The loop's own scaler.unscale_ (to clip by hand) is the first use of a scaler that
+    # has only loaded its state: it has no scale tensor yet.
+    def setup():
+        model = make_model(torch.float32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        return model, optimizer, scaler, Accumulator(model, optimizer, 2, scaler=scaler)
+
+    def finish(model, optimizer, scaler):
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+
+    model, optimizer, scaler, acc = setup()
+    with acc:
+        for batch in make_batches(2, 4, dtype=torch.float32):
+            acc.backward(mse(model, batch))
+        saved = copy.deepcopy(
+            [model.state_dict(), optimizer.state_dict(), scaler.state_dict(), acc.state_dict()]
+        )
+        finish(model, optimizer, scaler)
+
+    fresh_model, fresh_optimizer, fresh_scaler, fresh = setup()
+    fresh_model.load_state_dict(saved[0])
+    fresh_optimizer.load_state_dict(saved[1])
+    fresh_scaler.load_state_dict(saved[2])
+    fresh.load_state_dict(saved[3])
+    with fresh:
+        finish(fresh_model, fresh_optimizer, fresh_scaler)
+    assert fresh.optimizer_steps == acc.optimizer_steps == 1
+    assert fresh_scaler.get_scale() == scaler.get_scale()
+    for got, want in zip(fresh_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -150,8 +150,23 @@ class BoundaryUpdate:
             # From the first step on, the window counts as applied: a retry must not repeat it.
             self._outcome = WindowState.APPLIED
 
+    def ready_scaler(self) -> None:
+        """Give the scaler its scale tensor, if it has not scaled a loss yet, before unscaling.
+
+        ``GradScaler`` creates it in ``scale()``; a window resumed complete in a fresh process
+        is unscaled before any loss was scaled there (its loaded scale waits in
+        ``_init_scale``). It is created as ``scale()`` would, on the gradients' device.
+        """
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is not None:
+            return
+        grads = self.grads()
+        device = grads[0].device if grads else torch.device(scaler._device)
+        scaler._lazy_init_scale_growth_tracker(device)
+
     def _scaled_update(self, window: Window) -> None:
         scaler: torch.amp.GradScaler = self.scaler  # type: ignore[assignment]
+        self.ready_scaler()
         for index, optimizer in enumerate(self.optimizers):
             if index not in window.unscaled:  # the loop may have unscaled it to clip
                 scaler.unscale_(optimizer)

@@ -320,4 +320,5 @@ class WindowDriver:
         window.unscaled.add(index)
         if window.state is WindowState.COMPLETE:
             window.move_to(WindowState.UNSCALED, "scaler.unscale_(optimizer)")
+        self.boundary.ready_scaler()
         return True
