@@ -308,7 +308,16 @@ def _ddp_uneven(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
                 optimizer.step()
         return {"uneven": None}
     except UnevenInputsError as error:
-        return {"uneven": str(error)}
+        # Rank 1 raised while leaving the block (at its end-of-block agreement), rank 0 at a
+        # forward: either way every patch and DDP hook is undone.
+        restored = (
+            "step" in vars(optimizer),
+            "zero_grad" in vars(optimizer),
+            model.require_backward_grad_sync,
+            len(model._forward_pre_hooks),
+            acc.active,
+        )
+        return {"uneven": str(error), "uneven_restored": restored}
 
 
 def _ddp_uneven_declared(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
@@ -533,7 +542,7 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "forwards_first": (_ddp_forwards_first, ("forwards_first",)),
     "restored_after_error": (_ddp_restored_after_error, ("restored_after_error",)),
     "auto": (_ddp_auto, ("auto",)),
-    "uneven": (_ddp_uneven, ("uneven",)),
+    "uneven": (_ddp_uneven, ("uneven", "uneven_restored")),
     "uneven_declared": (_ddp_uneven_declared, ("uneven_declared",)),
     "counted": (_ddp_counted, ("counted",)),
     "carried": (_ddp_carried, ("carried",)),

@@ -204,6 +204,7 @@ def test_uneven_inputs_raise_on_every_rank(ddp):
             "ran 5 micro-batches, then started another forward; rank 1 ran 5 micro-batches, "
             "then left the with block). Every rank must run"
         )
+        assert rank["uneven_restored"] == (False, False, True, 0, False)
 
 
 def test_ranks_at_different_calls_raise_naming_each_call(ddp):
