@@ -1,6 +1,8 @@
 """Semantics 7: state_dict() / load_state_dict() resume a run mid-window exactly."""
 
 import copy
+import io
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -175,4 +177,47 @@ def test_a_loop_unscaling_a_resumed_complete_window_with_a_fresh_scaler():
     assert fresh.optimizer_steps == acc.optimizer_steps == 1
     assert fresh_scaler.get_scale() == scaler.get_scale()
     for got, want in zip(fresh_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_pickling_an_accumulator_is_refused_with_state_dict_as_the_way():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    acc = Accumulator(model, optimizer, 3, scheduler=scheduler, partial_window="carry")
+    with acc:
+        for batch in make_batches(4, 4):
+            acc.backward(mse(model, batch))
+            optimizer.step()
+    with pytest.raises(
+        TypeError,
+        match=r"an Accumulator cannot be pickled: .*gradients of a pending window.*"
+        r"Save acc.state_dict\(\) .*acc.load_state_dict\(\)",
+    ):
+        pickle.dumps(acc)
+    with pytest.raises(TypeError, match=r"an Accumulator cannot be pickled"), acc:
+        torch.save(acc, io.BytesIO())
+
+
+def test_a_deep_copy_of_an_accumulator_continues_its_pending_window():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    acc = Accumulator(model, optimizer, 4, scheduler=scheduler, partial_window="carry")
+    batches = make_batches(8, 4)
+    with acc:
+        for batch in batches[:7]:
+            acc.backward(mse(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    copied = copy.deepcopy(acc)
+    assert copied.micro_step == acc.micro_step == 3
+    assert copied.scheduler.optimizer is copied.optimizer is not optimizer
+    for run in (acc, copied):
+        with run:
+            run.backward(mse(run.model, batches[7]))
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        assert (run.optimizer_steps, run.scheduler.last_epoch) == (2, 2)
+    for got, want in zip(copied.model.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

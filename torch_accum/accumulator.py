@@ -8,6 +8,7 @@ synchronisation (``distributed.py``) and whole-batch micro-batching (``microbatc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -495,6 +496,30 @@ class Accumulator:
         self._run.load_state_dict(state_dict, self._boundary.parameters(), driver.finite_check)
         if driver.watch is not None:
             driver.watch.record(self.optimizers)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle would drop what a run depends on: a pending window's gradients live in the
+        # parameters' .grad, which a pickled parameter leaves behind.
+        raise TypeError(
+            "an Accumulator cannot be pickled: a pickled model leaves the accumulated "
+            "gradients of a pending window behind, so the copy would resume wrong. Save "
+            "acc.state_dict() (next to the model, optimizer, scheduler and scaler state "
+            "dicts) and restore it with acc.load_state_dict() into a new Accumulator"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Accumulator:
+        """A copy of the Accumulator with its model, optimizers and pending gradients."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        # nn.Parameter's deepcopy leaves .grad behind, where a pending window lives.
+        originals, copies = self._boundary.parameters(), copied._boundary.parameters()
+        for original, param in zip(originals, copies, strict=True):
+            if original.grad is not None and param.grad is None:
+                param.grad = copy.deepcopy(original.grad, memo)
+        if copied._driver.watch is not None and copied._run.window.pending:
+            copied._driver.watch.record(copied.optimizers)  # the copies' version counters
+        return copied
 
     def _require_active(self, what: str) -> None:
         if not self._active:
