@@ -306,6 +306,7 @@ class Accumulator:
         finally:
             self._active = False
             self._driver.block_end = None
+            self._driver.items_end = False
             self._restore()
 
     def _restore(self) -> None:
@@ -360,7 +361,8 @@ class Accumulator:
         The last item's micro-batch then ends the block's final window inside the loop:
         ``acc.sync_gradients`` is True there and the loop's ``optimizer.step()`` applies
         it, so per-window code under ``if acc.sync_gradients:`` sees every window. Works
-        for any iterable, with or without ``len``; one ``acc.backward`` per item.
+        for any iterable, with or without ``len``; one ``acc.backward`` per item (leave
+        items out before it, not in the loop). A wrapper may read it ahead (a prefetcher).
 
         Examples:
             >>> import torch
@@ -379,15 +381,21 @@ class Accumulator:
         """
         iterator = iter(iterable)
         self._require_active("acc.iterate()")
+        # One acc.backward per item: the last item's is the block's micro-batch number
+        # start + items, however far ahead the loop reads (a prefetching wrapper, even in a
+        # thread, or acc.iterate around acc.iterate), unlike the count when it is handed out.
+        start, handed = self._run.block_micro_batches, 0
         try:
             item = next(iterator)
         except StopIteration:
             return
         for upcoming in iterator:
             yield item
+            handed += 1
             item = upcoming
         self._require_active("acc.iterate()")
-        self._driver.block_end = self._run.block_micro_batches + 1
+        self._driver.block_end = start + handed + 1
+        self._driver.items_end = True
         yield item
 
     def discard(self) -> int:
