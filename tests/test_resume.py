@@ -221,3 +221,77 @@ def test_a_deep_copy_of_an_accumulator_continues_its_pending_window():
         assert (run.optimizer_steps, run.scheduler.last_epoch) == (2, 2)
     for got, want in zip(copied.model.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pending_at_checkpoint", [0, 2])
+def test_rolling_back_inside_the_block_drops_the_abandoned_micro_batches(pending_at_checkpoint):
+    # A checkpoint, then micro-batches of a window that is abandoned, then a rollback to the
+    # checkpoint and on as the uninterrupted run: the abandoned gradients must not leak in
+    # (the README's loop clears after the step, so nothing else clears them).
+    batches = make_batches(12, 4)
+    abandoned = make_batches(3, 4, seed=9)
+
+    def train(rollback):
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        acc = Accumulator(model, optimizer, 4)
+        with acc:
+            for index, batch in enumerate(batches):
+                if rollback and index == 4 + pending_at_checkpoint:
+                    saved = copy.deepcopy(
+                        [model.state_dict(), optimizer.state_dict(), acc.state_dict()]
+                    )
+                    for extra in abandoned:
+                        acc.backward(mse(model, extra))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    model.load_state_dict(saved[0])
+                    optimizer.load_state_dict(saved[1])
+                    acc.load_state_dict(saved[2])
+                    assert acc.micro_step == pending_at_checkpoint
+                acc.backward(mse(model, batch))
+                optimizer.step()
+                optimizer.zero_grad()
+        return model, acc
+
+    model, acc = train(rollback=True)
+    expected, expected_acc = train(rollback=False)
+    assert acc.optimizer_steps == expected_acc.optimizer_steps == 3
+    for got, want in zip(model.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_rolling_back_a_window_the_loop_had_unscaled_lets_the_scaler_unscale_again():
+    def train(rollback):
+        model = make_model(torch.float32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        acc = Accumulator(model, optimizer, 2, scaler=scaler)
+        batches = make_batches(6, 4, dtype=torch.float32)
+        with acc:
+            saved = copy.deepcopy(
+                [model.state_dict(), optimizer.state_dict(), scaler.state_dict(), acc.state_dict()]
+            )
+            if rollback:  # a window unscaled to clip by hand, then abandoned
+                for batch in make_batches(2, 4, dtype=torch.float32, seed=9):
+                    acc.backward(mse(model, batch))
+                scaler.unscale_(optimizer)
+                model.load_state_dict(saved[0])
+                optimizer.load_state_dict(saved[1])
+                scaler.load_state_dict(saved[2])
+                acc.load_state_dict(saved[3])
+            for batch in batches:
+                acc.backward(mse(model, batch))
+                if acc.sync_gradients:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+        return model, acc
+
+    model, acc = train(rollback=True)
+    expected, expected_acc = train(rollback=False)
+    assert acc.optimizer_steps == expected_acc.optimizer_steps == 3
+    for got, want in zip(model.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

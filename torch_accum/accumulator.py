@@ -501,7 +501,14 @@ class Accumulator:
         if self._run.window.state is WindowState.APPLYING:
             raise RuntimeError("load_state_dict() cannot run during an optimizer update")
         driver = self._driver
+        replaced = self._run.window
         self._run.load_state_dict(state_dict, self._boundary.parameters(), driver.finite_check)
+        # The scaler would refuse to unscale again what the replaced window had unscaled.
+        self._interception.forget_unscale(replaced.unscaled)
+        if not self._run.window.pending:
+            # Saved with no window pending, so with no gradients: a rollback inside the block
+            # must not keep those of the micro-batches run since (nothing else clears them).
+            driver.clear_gradients()
         if driver.watch is not None:
             driver.watch.record(self.optimizers)
 
