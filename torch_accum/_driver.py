@@ -116,10 +116,10 @@ class WindowDriver:
 
     def finish_block(self) -> None:
         window = self.run.window
-        if self.items_end and self.block_end is not None:
-            self._check_one_backward_per_item(self.block_end)
         if self.sync is not None:
             self.sync.finish_block(self.run.block_micro_batches, self.block_end)
+        if self.items_end and self.block_end is not None:  # after the ranks agreed
+            self._check_one_backward_per_item(self.block_end)
         if window.pending and not window.is_ready:
             if self.partial_window == "apply":
                 logger.debug("applying a partial window of %d micro-batches", window.count)
