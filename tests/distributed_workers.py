@@ -308,7 +308,16 @@ def _ddp_uneven(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
                 optimizer.step()
         return {"uneven": None}
     except UnevenInputsError as error:
-        return {"uneven": str(error)}
+        # Rank 1 raised while leaving the block (at its end-of-block agreement), rank 0 at a
+        # forward: either way every patch and DDP hook is undone.
+        restored = (
+            "step" in vars(optimizer),
+            "zero_grad" in vars(optimizer),
+            model.require_backward_grad_sync,
+            len(model._forward_pre_hooks),
+            acc.active,
+        )
+        return {"uneven": str(error), "uneven_restored": restored}
 
 
 def _ddp_uneven_declared(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
@@ -390,6 +399,22 @@ def _ddp_step_batch_extra(rank: int, world: int, micro: list[Any]) -> dict[str, 
     except UnevenInputsError as error:
         return {"step_batch_extra": str(error)}
     return {"step_batch_extra": None}
+
+
+def _ddp_step_batch_empty(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
+    # Rank 1's batch is empty (an uneven last batch cut per rank): every rank raises, naming
+    # rank 1, instead of the others waiting for it at the next collective.
+    model = ddp_model()
+    optimizer = make_optimizer("sgd", model.parameters())
+    x, y = global_batches(1, 8)[0]
+    mine = slice(0, 8) if rank == 0 else slice(0, 0)
+    acc = Accumulator(model, optimizer, micro_batch_size="auto")
+    try:
+        with acc:
+            acc.step_batch((x[mine], y[mine]), lambda m: nn.functional.mse_loss(model(m[0]), m[1]))
+    except ValueError as error:
+        return {"step_batch_empty": (str(error), acc.micro_batch_size)}
+    return {"step_batch_empty": (None, acc.micro_batch_size)}
 
 
 def _ddp_fixed_size_oom(rank: int, world: int, micro: list[Any]) -> dict[str, Any]:
@@ -545,13 +570,14 @@ DDP_PARTS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "forwards_first": (_ddp_forwards_first, ("forwards_first",)),
     "restored_after_error": (_ddp_restored_after_error, ("restored_after_error",)),
     "auto": (_ddp_auto, ("auto",)),
-    "uneven": (_ddp_uneven, ("uneven",)),
+    "uneven": (_ddp_uneven, ("uneven", "uneven_restored")),
     "uneven_declared": (_ddp_uneven_declared, ("uneven_declared",)),
     "counted": (_ddp_counted, ("counted",)),
     "carried": (_ddp_carried, ("carried",)),
     "step_batch_sizes": (_ddp_step_batch_sizes, ("step_batch_sizes",)),
     "step_batch_extra": (_ddp_step_batch_extra, ("step_batch_extra",)),
     "declared_and_not": (_ddp_declared_and_not, ("declared_and_not",)),
+    "step_batch_empty": (_ddp_step_batch_empty, ("step_batch_empty",)),
     "fixed_size_oom": (_ddp_fixed_size_oom, ("fixed_size_oom",)),
     "k1_syncs": (_ddp_k1_syncs, ("k1_syncs",)),
     "collectives": (_ddp_collectives, ("collectives/",)),

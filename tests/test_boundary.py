@@ -1,5 +1,7 @@
 """Semantics 4 and 5: the work at the accumulation boundary and non-finite gradients."""
 
+import copy
+
 import pytest
 import torch
 from helpers import (
@@ -250,3 +252,54 @@ def test_grad_scaler_skip_backs_off_and_does_not_step_the_scheduler():
     assert (acc.skipped_steps, acc.optimizer_steps) == (1, 1)
     assert scaler.get_scale() == 2.0**9
     assert scheduler.last_epoch == 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+@pytest.mark.parametrize("poisoned", ["body", "head"])
+def test_a_grad_scaler_skip_in_one_optimizer_skips_the_window_for_all(poisoned, max_grad_norm):
+    # The scaler alone skips only the optimizer whose gradients hold the inf, and joint
+    # clipping zeroes the other's, on which momentum and weight decay would still move it.
+    model = make_model(torch.float32)
+    body, head = model[0], model[2]
+    optimizers = [
+        torch.optim.SGD(body.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
+        torch.optim.AdamW(head.parameters(), lr=0.01, weight_decay=0.1),
+    ]
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in optimizers]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    acc = Accumulator(
+        model, optimizers, 2, scheduler=schedulers, scaler=scaler, max_grad_norm=max_grad_norm
+    )
+    target = {"body": body.bias, "head": head.bias}[poisoned]
+
+    def run(batches, poison):
+        for index, batch in enumerate(batches):
+            loss = mse(model, batch)
+            if poison and index == 1:
+                loss = loss + target.sum() * float("inf")  # inf in one optimizer's grads only
+            acc.backward(loss)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+            scaler.update()
+            for scheduler in schedulers:
+                scheduler.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+
+    batches = make_batches(6, 4, dtype=torch.float32)
+    with acc:
+        run(batches[:2], poison=False)  # optimizer state to keep
+        params = [p.detach().clone() for p in model.parameters()]
+        states = [copy.deepcopy(o.state_dict()) for o in optimizers]
+        run(batches[2:4], poison=True)
+        assert (acc.optimizer_steps, acc.skipped_steps) == (1, 1)
+        assert scaler.get_scale() == 2.0**9
+        assert [s.last_epoch for s in schedulers] == [1, 1]
+        for got, expected in zip(model.parameters(), params, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        for optimizer, expected in zip(optimizers, states, strict=True):
+            torch.testing.assert_close(optimizer.state_dict(), expected, rtol=0, atol=0)
+        run(batches[4:], poison=False)  # training goes on: both step again
+    assert (acc.optimizer_steps, acc.skipped_steps) == (2, 1)
+    assert [s.last_epoch for s in schedulers] == [2, 2]
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))

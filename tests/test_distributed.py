@@ -206,6 +206,7 @@ def test_uneven_inputs_raise_on_every_rank(ddp):
             "ran 5 micro-batches, then started another forward; rank 1 ran 5 micro-batches, "
             "then left the with block). Every rank must run"
         )
+        assert rank["uneven_restored"] == (False, False, True, 0, False)
 
 
 def test_ranks_at_different_calls_raise_naming_each_call(ddp):
@@ -257,6 +258,14 @@ def test_a_rank_starting_one_more_step_batch_raises_on_every_rank(ddp):
             "ran 0 micro-batches, then left the with block; rank 1 ran 0 micro-batches, then "
             "started acc.step_batch())"
         )
+
+
+def test_an_empty_step_batch_on_one_rank_raises_on_every_rank_naming_it(ddp):
+    for index, rank in enumerate(ddp):
+        message, size = rank["step_batch_empty"]
+        assert message.startswith("acc.step_batch() got an empty batch on rank(s) 1 (tuple ")
+        assert "on every rank alike" in message
+        assert size == (8 if index == 0 else None)  # rank 1's empty batch sized nothing
 
 
 def test_a_rank_declaring_its_count_where_another_does_not_raises_on_every_rank(ddp):

@@ -7,6 +7,8 @@ the release before the fix (crash, or a parameter difference far above the toler
 from __future__ import annotations
 
 import math
+from queue import Queue
+from threading import Thread
 
 import numpy as np
 import pytest
@@ -653,6 +655,100 @@ def test_item13_the_final_short_window_is_a_boundary_inside_the_loop(how):
     kwargs = {"total_micro_batches": 10} if how == "total_micro_batches" else {}
     model, acc, seen = hand_clipped_run(batches, 4, **kwargs)
     assert seen == 3 and acc.optimizer_steps == 3
+    assert_same(model, reference)
+
+
+def read_one_ahead(items):
+    """A prefetching wrapper: fetches the next item before handing out the current one."""
+    iterator = iter(items)
+    current = next(iterator, None)
+    for upcoming in iterator:
+        yield current
+        current = upcoming
+    if current is not None:
+        yield current
+
+
+def read_ahead_in_a_thread(items, depth=2):
+    """A background prefetcher: a thread pulls up to ``depth`` items ahead of the loop."""
+    queue, done = Queue(maxsize=depth), object()
+
+    def pull():
+        for item in items:
+            queue.put(item)
+        queue.put(done)
+
+    thread = Thread(target=pull, daemon=True)
+    thread.start()
+    while (item := queue.get()) is not done:
+        yield item
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda acc, loader: read_one_ahead(acc.iterate(loader)),
+        lambda acc, loader: acc.iterate(acc.iterate(loader)),
+        lambda acc, loader: read_ahead_in_a_thread(acc.iterate(loader)),
+        lambda acc, loader: acc.iterate(read_one_ahead(loader)),
+    ],
+    ids=["prefetch_around_iterate", "iterate_around_iterate", "thread", "prefetch_inside"],
+)
+def test_iterate_read_ahead_ends_every_window_where_the_plain_loop_does(layout):
+    # 10 items at K=4: windows of 4, 4 and 2 (a loop reading one item ahead got 4, 4, 1, 1).
+    batches = make_batches(10, 4)
+    reference = make_model()
+    reference_run(
+        reference,
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        windows_of(batches, 4),
+        max_grad_norm=0.05,
+    )
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 4)
+    ends = []
+    with acc:
+        for batch in layout(acc, iter(batches)):
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            if acc.sync_gradients:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert ends == [False, False, False, True] * 2 + [False, True]
+    assert acc.optimizer_steps == 3
+    assert_same(model, reference)
+
+
+def test_a_loop_running_fewer_backwards_than_iterate_items_is_warned():
+    # Items left out inside the loop: the final window ends at the block's exit (the
+    # numbers are right, but per-window code did not see it); the warning names the fix.
+    batches = make_batches(10, 4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 4)
+    ends = []
+    with (
+        pytest.warns(
+            RuntimeWarning,
+            match=r"acc.iterate\(\) handed out 1 more item\(s\) than acc.backward\(\) ran for.*"
+            r"acc.iterate\(b for b in loader if keep\(b\)\)",
+        ),
+        acc,
+    ):
+        for index, batch in enumerate(acc.iterate(batches)):
+            if index == 5:
+                continue
+            acc.backward(mse(model, batch))
+            ends.append(acc.sync_gradients)
+            optimizer.step()
+    assert ends == [False, False, False, True, False, False, False, True, False]
+    assert acc.optimizer_steps == 3  # windows of 4, 4 and 1, the last applied at exit
+    reference = make_model()
+    kept = batches[:5] + batches[6:]
+    reference_run(reference, torch.optim.SGD(reference.parameters(), lr=0.1), windows_of(kept, 4))
     assert_same(model, reference)
 
 

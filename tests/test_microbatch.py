@@ -364,6 +364,33 @@ def test_misuse_errors():
         Accumulator(model, optimizer, micro_batch_size=0)
 
 
+@pytest.mark.parametrize("size", [4, "auto"])
+@pytest.mark.parametrize("layout", ["tensor", "tuple", "dict"])
+def test_an_empty_batch_is_named_and_leaves_the_micro_batch_size_alone(size, layout):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(6)
+    empty = {"tensor": x[:0], "tuple": (x[:0], y[:0]), "dict": {"x": x[:0], "y": y[:0]}}[layout]
+    to_loss = {
+        "tensor": lambda m: model(m).pow(2).mean(),
+        "tuple": lambda m: nn.functional.mse_loss(model(m[0]), m[1]),
+        "dict": lambda m: nn.functional.mse_loss(model(m["x"]), m["y"]),
+    }[layout]
+    full = {"tensor": x, "tuple": (x, y), "dict": {"x": x, "y": y}}[layout]
+    acc = Accumulator(model, optimizer, micro_batch_size=size)
+    with acc:
+        with pytest.raises(
+            ValueError,
+            match=r"acc.step_batch\(\) got an empty batch \(\w+ whose tensors have 0 samples "
+            r"along dimension 0\).*Skip empty batches",
+        ):
+            acc.step_batch(empty, to_loss)
+        assert acc.micro_batch_size == (None if size == "auto" else size)
+        assert acc.micro_step == 0 and acc.optimizer_steps == 0
+        acc.step_batch(full, to_loss)  # the next batch trains as usual
+    assert acc.optimizer_steps == 1 and acc.micro_batch_size == (6 if size == "auto" else 4)
+
+
 @pytest.mark.cuda
 def test_real_cuda_out_of_memory_is_recovered():
     device = torch.device("cuda")

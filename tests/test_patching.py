@@ -48,6 +48,32 @@ def test_exception_in_the_body_restores_every_patched_method():
     assert not torch.equal(weight, model[0].weight)
 
 
+@pytest.mark.parametrize("failure", ["non-finite", "learning rate"])
+def test_an_error_while_leaving_the_block_restores_every_patched_method(failure):
+    # The partial window is applied at the block's exit, and that raises: inf/NaN with
+    # on_nonfinite="raise", or a learning rate changed in the middle of the window.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    acc = Accumulator(model, optimizer, 4, scheduler=scheduler, on_nonfinite="raise")
+    watched = (optimizer, scheduler, *model.modules())
+    before = snapshot(*watched)
+    batches = make_batches(2, 4)
+    with pytest.raises(RuntimeError, match=failure), acc:
+        acc.backward(mse(model, batches[0]))
+        if failure == "learning rate":
+            optimizer.param_groups[0]["lr"] = 0.05
+            acc.backward(mse(model, batches[1]))
+        else:
+            acc.backward(mse(model, batches[1]) * float("nan"))
+        assert snapshot(*watched) != before
+    assert snapshot(*watched) == before
+    assert not acc.active
+    acc.discard()  # the window refused for its learning rate is still pending
+    with acc:  # entered again: nothing of the last block is left patched
+        pass
+
+
 def test_plain_optimizer_has_no_instance_attributes_left():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

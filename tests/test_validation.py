@@ -138,3 +138,11 @@ def test_bad_loss(model, optimizer):
             loss = mse(model, make_batches(1, 4)[0])
         with pytest.raises(ValueError, match=r"loss does not require grad"):
             acc.backward(loss)
+
+
+def test_a_scheduler_listed_twice_is_refused(model, optimizer):
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    with pytest.raises(
+        ValueError, match=r"scheduler lists the same scheduler twice.*pass each scheduler once"
+    ):
+        Accumulator(model, optimizer, 2, scheduler=[scheduler, scheduler])

@@ -154,36 +154,53 @@ class BoundaryUpdate:
             # From the first step on, the window counts as applied: a retry must not repeat it.
             self._outcome = WindowState.APPLIED
 
+    def ready_scaler(self) -> None:
+        """Give the scaler its scale tensor, if it has not scaled a loss yet, before unscaling.
+
+        ``GradScaler`` creates it in ``scale()``; a window resumed complete in a fresh process
+        is unscaled before any loss was scaled there (its loaded scale waits in
+        ``_init_scale``). It is created as ``scale()`` would, on the gradients' device.
+        """
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is not None:
+            return
+        grads = self.grads()
+        device = grads[0].device if grads else torch.device(scaler._device)
+        scaler._lazy_init_scale_growth_tracker(device)
+
     def _scaled_update(self, window: Window) -> None:
         scaler: torch.amp.GradScaler = self.scaler  # type: ignore[assignment]
+        self.ready_scaler()
         for index, optimizer in enumerate(self.optimizers):
             if index not in window.unscaled:  # the loop may have unscaled it to clip
                 scaler.unscale_(optimizer)
                 window.unscaled.add(index)
                 self._rollback = WindowState.UNSCALED
-        if self.max_grad_norm is not None:
-            grads = self.grads()
-            if grads:
-                # Non-finite gradients turn into NaN here; the scaler then skips the step.
-                clip_(grads, self.max_grad_norm, total_norm(grads))
-        self.precision.narrow()
-        scale_before = scaler.get_scale()
-        for optimizer in self.optimizers:
-            scaler.step(optimizer)
-            # Stepped, or skipped for infs: either way the window is used up (a retry must not
-            # step it again). An error inside the first step leaves it to retry.
-            self._outcome = WindowState.APPLIED
-        scaler.update()
-        # GradScaler backs the scale off exactly when it found infs and skipped the step.
-        if scaler.get_scale() < scale_before:
+        if _found_inf(scaler, self.optimizers):
+            # The scaler would skip only the optimizers whose own gradients hold the inf/NaN
+            # (and clipping zeroes the others'): the window is skipped for all of them.
+            scale_before = scaler.get_scale()
+            scaler.update()
             logger.info(
                 "GradScaler found inf/NaN gradients and skipped the step; scale %s -> %s",
                 scale_before,
                 scaler.get_scale(),
             )
             self._outcome = WindowState.SKIPPED
-        else:
+            return
+        if self.max_grad_norm is not None:
+            grads = self.grads()
+            if grads:
+                clip_(grads, self.max_grad_norm, total_norm(grads))
+        self.precision.narrow()
+        for optimizer in self.optimizers:
+            scaler.step(optimizer)
+            # From the first step on the window is used up (a retry must not step it again).
+            # An error inside the first step leaves it to retry.
             self._outcome = WindowState.APPLIED
+        # No inf/NaN (checked above), so every optimizer stepped and the scale does not back
+        # off: reading it before and after, as a skip check, would cost two host syncs.
+        scaler.update()
 
     def _reject_nonfinite(self, window: Window) -> None:
         names = self._nonfinite_parameter_names()
@@ -221,3 +238,17 @@ class BoundaryUpdate:
             if not torch.isfinite(values).all():
                 found.append(names.get(id(param), f"<parameter of shape {tuple(param.shape)}>"))
         return found
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Whether ``unscale_`` found an inf/NaN in any optimizer's gradients (one host sync)."""
+    states = scaler._per_optimizer_states
+    flags = [
+        flag
+        for optimizer in optimizers
+        for flag in states[id(optimizer)]["found_inf_per_device"].values()
+    ]
+    if not flags:
+        return False
+    device = flags[0].device
+    return bool(torch.stack([flag.to(device) for flag in flags]).sum().item())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -72,8 +73,10 @@ class WindowDriver:
         self.seeds = BackwardSeeds()
         self.progress: ProgressBar | None = None
         self.probing = False
-        # The block's micro-batch count when known (total_micro_batches, or iterate()).
+        # The block's micro-batch count when known (total_micro_batches, or iterate()), and
+        # whether it counts acc.iterate()'s items.
         self.block_end: int | None = None
+        self.items_end = False
         # The loop's latest zero_grad(set_to_none=...) choice, for the clearing it defers.
         self.set_to_none = True
 
@@ -118,6 +121,8 @@ class WindowDriver:
         window = self.run.window
         if self.sync is not None:
             self.sync.finish_block(self.run.block_micro_batches, self.block_end)
+        if self.items_end and self.block_end is not None:  # after the ranks agreed
+            self._check_one_backward_per_item(self.block_end)
         if window.pending and not window.is_ready:
             if self.partial_window == "apply":
                 logger.debug("applying a partial window of %d micro-batches", window.count)
@@ -130,6 +135,21 @@ class WindowDriver:
         if window.is_ready:
             self.apply_window()
         self.clear_stale_gradients()
+
+    def _check_one_backward_per_item(self, block_end: int) -> None:
+        """Warn when the loop ran fewer acc.backward() than acc.iterate() handed out items."""
+        missing = block_end - self.run.block_micro_batches
+        if missing <= 0:
+            return
+        message = (
+            f"acc.iterate() handed out {missing} more item(s) than acc.backward() ran for, "
+            "so the final window ended at the block's exit, not in the loop, and code under "
+            "`if acc.sync_gradients:` (hand clipping, EMA, logging) did not see it. Run one "
+            "acc.backward() per item: leave items out before acc.iterate(), e.g. "
+            "acc.iterate(b for b in loader if keep(b))"
+        )
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ the window's life
     def ends_block(self, micro_batches: int) -> bool:
@@ -340,4 +360,5 @@ class WindowDriver:
         window.unscaled.add(index)
         if window.state is WindowState.COMPLETE:
             window.move_to(WindowState.UNSCALED, "scaler.unscale_(optimizer)")
+        self.boundary.ready_scaler()
         return True

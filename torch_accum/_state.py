@@ -8,7 +8,7 @@ resumed mid-window continues exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -80,6 +80,7 @@ class RunState:
         params: list[torch.Tensor],
         check_nonfinite: Callable[[list[torch.Tensor]], bool],
     ) -> None:
+        _check_saved_by_accumulator(state_dict)
         saved_steps = state_dict["accumulation_steps"]
         window = Window.from_state_dict(state_dict["window"], saved_steps)
         if window.count and saved_steps != self.accumulation_steps:
@@ -103,6 +104,36 @@ class RunState:
         last = state_dict["last_window"]
         self.last_window = None if last is None else Window.from_state_dict(last, saved_steps)
         self.last_loss = None
+
+
+_SAVED_KEYS = (
+    "accumulation_steps",
+    "optimizer_steps",
+    "skipped_steps",
+    "window",
+    "window_ready",
+    "last_window",
+    "gradients",
+)
+
+
+def _check_saved_by_accumulator(state_dict: object) -> None:
+    """Refuse anything but a dict from ``Accumulator.state_dict()`` (a model's, say)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "acc.load_state_dict() expects the dict returned by acc.state_dict(), got an "
+            f"object of type {type(state_dict).__name__}"
+        )
+    missing = [key for key in _SAVED_KEYS if key not in state_dict]
+    if missing:
+        keys = [repr(key) for key in list(state_dict)[:5]]
+        got = ", ".join(keys) + (", ..." if len(state_dict) > 5 else "") if keys else "none"
+        raise ValueError(
+            "acc.load_state_dict() expects the dict returned by acc.state_dict() (keys "
+            f"{', '.join(_SAVED_KEYS)}), but this one lacks {', '.join(map(repr, missing))} "
+            f"(its keys: {got}); it looks like another object's state dict, such as the "
+            "model's or the optimizer's. Save acc.state_dict() next to them and pass that"
+        )
 
 
 def _load_gradients(params: list[torch.Tensor], gradients: list[torch.Tensor | None]) -> None:

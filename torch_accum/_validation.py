@@ -84,6 +84,11 @@ def check_schedulers(
     if scheduler is None:
         return ()
     schedulers = scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]
+    if len({id(s) for s in schedulers}) != len(schedulers):
+        raise ValueError(
+            "scheduler lists the same scheduler twice, so it would be stepped twice per "
+            "optimizer step; pass each scheduler once"
+        )
     return tuple(_check_scheduler(s, optimizers) for s in schedulers)
 
 

@@ -8,7 +8,8 @@ synchronisation (``distributed.py``) and whole-batch micro-batching (``microbatc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -351,6 +352,7 @@ class Accumulator:
         finally:
             self._active = False
             self._driver.block_end = None
+            self._driver.items_end = False
             try:
                 self._restore()
             finally:
@@ -410,7 +412,8 @@ class Accumulator:
         The last item's micro-batch then ends the block's final window inside the loop:
         ``acc.sync_gradients`` is True there and the loop's ``optimizer.step()`` applies
         it, so per-window code under ``if acc.sync_gradients:`` sees every window. Works
-        for any iterable, with or without ``len``; one ``acc.backward`` per item.
+        for any iterable, with or without ``len``; one ``acc.backward`` per item (leave
+        items out before it, not in the loop). A wrapper may read it ahead (a prefetcher).
 
         Examples:
             >>> import torch
@@ -429,15 +432,21 @@ class Accumulator:
         """
         iterator = iter(iterable)
         self._require_active("acc.iterate()")
+        # One acc.backward per item: the last item's is the block's micro-batch number
+        # start + items, however far ahead the loop reads (a prefetching wrapper, even in a
+        # thread, or acc.iterate around acc.iterate), unlike the count when it is handed out.
+        start, handed = self._run.block_micro_batches, 0
         try:
             item = next(iterator)
         except StopIteration:
             return
         for upcoming in iterator:
             yield item
+            handed += 1
             item = upcoming
         self._require_active("acc.iterate()")
-        self._driver.block_end = self._run.block_micro_batches + 1
+        self._driver.block_end = start + handed + 1
+        self._driver.items_end = True
         yield item
 
     def discard(self) -> int:
@@ -544,15 +553,47 @@ class Accumulator:
             raise RuntimeError("load_state_dict() cannot run during an optimizer update")
         driver = self._driver
         params = self._boundary.parameters()
-        saved = state_dict.get("gradients")
+        saved = state_dict.get("gradients") if isinstance(state_dict, Mapping) else None
         if saved is not None and any(
             g is not None and g.dtype != p.dtype for g, p in zip(saved, params, strict=False)
         ):
             # Sums saved in float32 go back into float32 gradients, bitwise.
             self._precision.widen(params)
+        replaced = self._run.window
         self._run.load_state_dict(state_dict, params, driver.finite_check)
+        # The scaler would refuse to unscale again what the replaced window had unscaled.
+        self._interception.forget_unscale(replaced.unscaled)
+        if not self._run.window.pending:
+            # Saved with no window pending, so with no gradients: a rollback inside the block
+            # must not keep those of the micro-batches run since (nothing else clears them).
+            driver.clear_gradients()
+            self._precision.narrow()
         if driver.watch is not None:
             driver.watch.record(self.optimizers)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle would drop what a run depends on: a pending window's gradients live in the
+        # parameters' .grad, which a pickled parameter leaves behind.
+        raise TypeError(
+            "an Accumulator cannot be pickled: a pickled model leaves the accumulated "
+            "gradients of a pending window behind, so the copy would resume wrong. Save "
+            "acc.state_dict() (next to the model, optimizer, scheduler and scaler state "
+            "dicts) and restore it with acc.load_state_dict() into a new Accumulator"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Accumulator:
+        """A copy of the Accumulator with its model, optimizers and pending gradients."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        # nn.Parameter's deepcopy leaves .grad behind, where a pending window lives.
+        originals, copies = self._boundary.parameters(), copied._boundary.parameters()
+        for original, param in zip(originals, copies, strict=True):
+            if original.grad is not None and param.grad is None:
+                param.grad = copy.deepcopy(original.grad, memo)
+        if copied._driver.watch is not None and copied._run.window.pending:
+            copied._driver.watch.record(copied.optimizers)  # the copies' version counters
+        return copied
 
     def _require_active(self, what: str) -> None:
         if not self._active:

@@ -180,13 +180,21 @@ class MicroBatchRunner:
     ) -> float:
         sizes, sync = self.sizes, driver.sync
         total = batch_size_of(batch)
-        size = sizes.for_batch(total)
-        if sizes.auto and self.memory_budget is not None and not sizes.sized_from_budget:
+        if total == 0 and sync is None:
+            raise _empty_batch_error(batch)
+        # An empty batch leaves the size alone (an auto size is not sized from it).
+        size = sizes.for_batch(total) if total else 0
+        if total and sizes.auto and self.memory_budget is not None and not sizes.sized_from_budget:
             size = sizes.current = self._size_for_budget(driver, batch, compute_loss, total)
             sizes.sized_from_budget = True
         if sync is not None:
-            # Every rank cuts alike, at the size that fits on all of them.
-            size = sizes.current = int(min(sync.agree(Step.STEP_BATCH, size)))
+            # Every rank cuts alike, at the size that fits on all of them; an empty batch
+            # (size 0) on any rank raises on every rank.
+            agreed = sync.agree(Step.STEP_BATCH, size)
+            if min(agreed) == 0:
+                empty = [rank for rank, value in enumerate(agreed) if value == 0]
+                raise _empty_batch_error(batch, empty)
+            size = sizes.current = int(min(agreed))
         # Only an adaptive size replays; a snapshot is taken for it alone.
         snapshot = _Snapshot(driver.model) if sizes.auto else None
         retried = False
@@ -298,6 +306,16 @@ class MicroBatchRunner:
             snapshot.restore(driver.model)
             driver.clear_gradients()
         return memory.peak
+
+
+def _empty_batch_error(batch: Any, ranks: list[int] | None = None) -> ValueError:
+    where = "" if ranks is None else f" on rank(s) {', '.join(map(str, ranks))}"
+    return ValueError(
+        f"acc.step_batch() got an empty batch{where} ({type(batch).__name__} whose tensors "
+        "have 0 samples along dimension 0): there is nothing to train on. Skip empty "
+        "batches before calling acc.step_batch()"
+        + ("" if ranks is None else ", on every rank alike (drop_last=True, for example)")
+    )
 
 
 def _release_cached_memory() -> None:
