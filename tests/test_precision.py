@@ -7,6 +7,7 @@ the norm of the reference), bias is the projection of the gradient on the refere
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
@@ -485,3 +486,24 @@ def test_checkpointed_blocks_give_the_same_float32_sums():
     for plain, checkpointed in zip(*sums, strict=True):
         assert checkpointed.dtype == torch.bfloat16
         torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
+@needs_grad_dtype
+def test_a_deep_copy_continues_the_pending_float32_sums():
+    model = mlp(torch.bfloat16)
+    x, y = data(2 * MICRO, torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, optimizer, 2, partial_window="carry")
+    with acc:
+        acc.backward(nn.functional.mse_loss(model(x[:MICRO]), y[:MICRO]))
+    copied = copy.deepcopy(acc)
+    for original, param in zip(model.parameters(), copied.model.parameters(), strict=True):
+        assert param.grad.dtype == torch.float32
+        torch.testing.assert_close(param.grad, original.grad, rtol=0, atol=0)
+    for a in (acc, copied):
+        with a:
+            a.backward(nn.functional.mse_loss(a.model(x[MICRO:]), y[MICRO:]))
+            a.optimizer.step()
+        assert a.optimizer_steps == 1
+    for original, param in zip(model.parameters(), copied.model.parameters(), strict=True):
+        torch.testing.assert_close(param, original, rtol=0, atol=0)

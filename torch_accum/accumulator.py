@@ -590,6 +590,8 @@ class Accumulator:
         originals, copies = self._boundary.parameters(), copied._boundary.parameters()
         for original, param in zip(originals, copies, strict=True):
             if original.grad is not None and param.grad is None:
+                if original.grad.dtype != param.dtype:  # a float32 sum (_precision.py)
+                    param.grad_dtype = original.grad_dtype
                 param.grad = copy.deepcopy(original.grad, memo)
         if copied._driver.watch is not None and copied._run.window.pending:
             copied._driver.watch.record(copied.optimizers)  # the copies' version counters
