@@ -248,8 +248,8 @@ JUSTIFIED = {
     "_gradients.py": "no scaler and no clipping: the window's inf/NaN verdict, to skip a "
     "non-finite update (on_nonfinite='skip') that the hand loop would apply",
     "_plain_update": "clipping: the total norm read once, to skip a non-finite window",
-    "get_scale": "GradScaler.get_scale() before and after update(): tells a skipped step "
-    "(skipped_steps, scheduler not stepped) from a real one",
+    "_found_inf": "GradScaler: whether unscale_ found an inf/NaN in any optimizer's "
+    "gradients, read once, so that a window is skipped for all optimizers or none",
 }
 
 
