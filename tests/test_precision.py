@@ -168,6 +168,13 @@ def hand_float32_sum(model: nn.Module, batches, k: int) -> list[torch.Tensor]:
     return total
 
 
+def sgd_step(model: nn.Module, summed: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    """The parameters after plain SGD on the float32 sums, each cast once to its dtype."""
+    return [
+        p.detach() - (lr * g).to(p.dtype) for p, g in zip(model.parameters(), summed, strict=True)
+    ]
+
+
 @needs_grad_dtype
 def test_clipping_runs_on_the_float32_sum_before_the_cast():
     model = mlp(torch.bfloat16)
@@ -216,10 +223,7 @@ def test_float16_weights_train_with_a_grad_scaler():
     x, y = data(4 * MICRO, torch.float16)
     batches = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
     summed = hand_float32_sum(model, batches, 4)
-    expected = [
-        p.detach() - (0.5 * g).to(torch.float16)
-        for p, g in zip(model.parameters(), summed, strict=True)
-    ]
+    expected = sgd_step(model, summed, 0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     with Accumulator(model, optimizer, 4, scaler=scaler) as acc:
@@ -433,10 +437,7 @@ def test_two_optimizers_step_on_their_own_cast_float32_sums():
     x, y = data(3 * MICRO, torch.bfloat16)
     batches = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
     summed = hand_float32_sum(model, batches, 3)
-    expected = [
-        p.detach() - (0.5 * g).to(torch.bfloat16)
-        for p, g in zip(model.parameters(), summed, strict=True)
-    ]
+    expected = sgd_step(model, summed, 0.5)
     first, second = list(model.parameters())[:2], list(model.parameters())[2:]
     optimizers = [torch.optim.SGD(first, lr=0.5), torch.optim.SGD(second, lr=0.5)]
     with Accumulator(model, optimizers, 3) as acc:
