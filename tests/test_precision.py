@@ -168,6 +168,16 @@ def hand_float32_sum(model: nn.Module, batches, k: int) -> list[torch.Tensor]:
     return total
 
 
+def sgd_setup(
+    dtype: torch.dtype, k: int, lr: float
+) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """A model, its k micro-batches, and its parameters after SGD on their float32 sum."""
+    model = mlp(dtype)
+    x, y = data(k * MICRO, dtype)
+    batches = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
+    return model, batches, sgd_step(model, hand_float32_sum(model, batches, k), lr)
+
+
 def sgd_step(model: nn.Module, summed: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
     """The parameters after plain SGD on the float32 sums, each cast once to its dtype."""
     return [
@@ -219,11 +229,7 @@ def test_non_finite_float32_sum_skips_the_step_and_leaves_the_parameters():
 @needs_grad_dtype
 def test_float16_weights_train_with_a_grad_scaler():
     # Accumulated in float16, GradScaler refuses: "Attempting to unscale FP16 gradients".
-    model = mlp(torch.float16)
-    x, y = data(4 * MICRO, torch.float16)
-    batches = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
-    summed = hand_float32_sum(model, batches, 4)
-    expected = sgd_step(model, summed, 0.5)
+    model, batches, expected = sgd_setup(torch.float16, 4, 0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     with Accumulator(model, optimizer, 4, scaler=scaler) as acc:
@@ -433,11 +439,7 @@ def test_an_out_of_memory_replay_starts_again_from_clean_float32_sums():
 
 @needs_grad_dtype
 def test_two_optimizers_step_on_their_own_cast_float32_sums():
-    model = mlp(torch.bfloat16)
-    x, y = data(3 * MICRO, torch.bfloat16)
-    batches = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
-    summed = hand_float32_sum(model, batches, 3)
-    expected = sgd_step(model, summed, 0.5)
+    model, batches, expected = sgd_setup(torch.bfloat16, 3, 0.5)
     first, second = list(model.parameters())[:2], list(model.parameters())[2:]
     optimizers = [torch.optim.SGD(first, lr=0.5), torch.optim.SGD(second, lr=0.5)]
     with Accumulator(model, optimizers, 3) as acc:
