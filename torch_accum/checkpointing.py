@@ -23,10 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from torch_accum._block_choice import candidate_classes, choose_blocks
 from torch_accum._caches import CacheSwitch, without_caches
+from torch_accum._selective import selective_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -225,37 +226,18 @@ class ActivationCheckpointing:
         finally:
             self._caches.restore()
 
-    def context_fn(self) -> Any:
-        """``checkpoint(context_fn=...)`` for the mode: what to save instead of recompute."""
+    def context_fn(self, block: str = "") -> Any:
+        """``checkpoint(context_fn=...)`` for the mode: what to save instead of recompute.
+
+        Selective keeps matmul and attention results, copied first if ``block`` writes into
+        one in place (see ``_selective``).
+        """
         if self.settings.mode == "selective":
-            return create_selective_checkpoint_contexts(_expensive_ops())  # type: ignore[no-untyped-call]
+            return selective_contexts(block)
         return contextlib.nullcontext(), contextlib.nullcontext()
 
 
 _ABSENT = object()
-
-
-@functools.cache
-def _expensive_ops() -> list[Any]:
-    """Ops whose outputs selective checkpointing keeps: matmuls and attention.
-
-    Not convolutions: CNNs often apply an in-place activation straight to a conv output
-    (squeeze-excitation, SqueezeNet), which a kept result must not see (PyTorch raises
-    "Tensor cached during selective activation checkpoint has been mutated" in backward).
-    """
-    aten = torch.ops.aten
-    names = (
-        "mm",
-        "addmm",
-        "bmm",
-        "baddbmm",
-        "_scaled_mm",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-    )
-    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
 
 
 def _unpatched_forward(block: nn.Module, previous: object) -> object:
@@ -333,7 +315,8 @@ class CheckpointedForward:
             with _frozen_running_stats(running_stats):
                 return forward(*saved_args, **saved_kwargs)
 
-        return checkpoint(run, *args, use_reentrant=False, context_fn=owner.context_fn)
+        context_fn = functools.partial(owner.context_fn, self.name)
+        return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn)
 
 
 @contextlib.contextmanager
