@@ -763,6 +763,18 @@ def test_modes_are_bit_exact_with_dropout_and_batch_norm(policy):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_every_n_th_counts_the_blocks_not_the_stem():
+    # ViT-like: a patch embedding in front of the blocks. It is wrapped as with True, and
+    # blocks 0, 2 (not the embedding as block 0, then blocks 1, 3) are the every-2nd ones.
+    model = nn.Module()
+    model.embeddings = Embeddings()
+    model.layers = nn.ModuleList(Block() for _ in range(4))
+    assert chosen(model) == ("embeddings", "layers.0", "layers.1", "layers.2", "layers.3")
+    assert chosen(model, Checkpointing(every=2)) == ("embeddings", "layers.0", "layers.2")
+    assert chosen(model, Checkpointing(every=3)) == ("embeddings", "layers.0", "layers.3")
+    assert chosen(model, Checkpointing(every=5)) == ("embeddings", "layers.0")
+
+
 def test_every_n_th_block_and_the_names():
     assert train_once(Checkpointing(every=2))[3].checkpointed_modules == ("blocks.0", "blocks.2")
     assert train_once(Checkpointing(every=3))[3].checkpointed_modules == ("blocks.0", "blocks.3")

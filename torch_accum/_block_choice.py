@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from typing import NamedTuple
 
 from torch import nn
 
@@ -94,18 +95,29 @@ def _is_stage(module: nn.Module) -> bool:
     )
 
 
-def choose_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of ``model`` under the rule above, in definition order, each once."""
+class Choice(NamedTuple):
+    """What ``checkpointing=True`` wraps: the stem and the blocks, each in definition order."""
+
+    stem: list[nn.Module]
+    blocks: list[nn.Module]
+
+
+def choose_blocks(model: nn.Module) -> Choice:
+    """The stem and blocks of ``model`` under the rule above, each module once."""
     stages = {type(m) for m in model.modules() if m is not model and _is_stage(m)}
+    stem, blocks = _select(model, stages)
     unique: dict[int, nn.Module] = {}
-    for block in _select(model, stages):
-        unique.setdefault(id(block), block)
+    for module in stem + blocks:
+        unique.setdefault(id(module), module)
     # A module registered twice (a shared one) may also sit inside another chosen block.
-    inside = {id(m) for block in unique.values() for m in block.modules() if m is not block}
-    return [block for block in unique.values() if id(block) not in inside]
+    inside = {id(m) for module in unique.values() for m in module.modules() if m is not module}
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    kept = sorted((m for m in unique.values() if id(m) not in inside), key=lambda m: order[id(m)])
+    in_stem = {id(m) for m in stem}
+    return Choice([m for m in kept if id(m) in in_stem], [m for m in kept if id(m) not in in_stem])
 
 
-def _select(module: nn.Module, stages: set[type[nn.Module]]) -> list[nn.Module]:
+def _select(module: nn.Module, stages: set[type[nn.Module]]) -> Choice:
     members = _members(module)
     blocks = [m for m in members if not _is_piece(m)]
     repeated = {cls for cls, n in Counter(type(m) for m in blocks).items() if n >= 2}
@@ -121,12 +133,15 @@ def _select(module: nn.Module, stages: set[type[nn.Module]]) -> list[nn.Module]:
         # so their activations are among the largest of the model.
         first = next(i for i, m in enumerate(members) if any(m is c for c in chosen))
         stem = members[:first]
-        return stem + [inner for block in chosen for inner in _expand(block, stages)]
-    deeper = [inner for member in members for inner in _select(member, stages)]
-    if deeper:
-        return deeper
+        return Choice(stem, [inner for block in chosen for inner in _expand(block, stages)])
+    deeper = [_select(member, stages) for member in members]
+    if any(choice.blocks for choice in deeper):
+        return Choice(
+            [m for choice in deeper for m in choice.stem],
+            [m for choice in deeper for m in choice.blocks],
+        )
     counts = Counter(type(m) for m in members)
-    return [m for m in members if counts[type(m)] >= 2]
+    return Choice([], [m for m in members if counts[type(m)] >= 2])
 
 
 def _members_of_child(child: nn.Module) -> list[nn.Module]:

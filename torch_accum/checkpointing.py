@@ -54,7 +54,9 @@ class Checkpointing:
             outputs of matmuls and attention and recomputes only the cheap
             ops between them (norms, activations, dropout, residual adds).
         every: checkpoint every ``every``-th block only (blocks 0, every, 2*every, ...):
-            between no checkpointing (memory) and all blocks (time).
+            between no checkpointing (memory) and all blocks (time). Only the blocks are
+            counted: the stem that ``blocks=True`` wraps in front of them (a patch
+            embedding, a conv stem) stays wrapped.
 
     Examples:
         >>> from torch_accum import Checkpointing
@@ -135,16 +137,21 @@ def _as_predicate(blocks: BlockPolicy) -> Callable[[nn.Module], bool]:
     return lambda module: bool(blocks(module))  # type: ignore[operator]
 
 
-def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.Module]]:
-    """The outermost modules of ``model`` that ``blocks`` selects, in definition order."""
+def select_blocks(
+    model: nn.Module, blocks: BlockPolicy, every: int = 1
+) -> list[tuple[str, nn.Module]]:
+    """The outermost modules of ``model`` that ``blocks`` selects, in definition order.
+
+    With ``every=n`` only blocks 0, n, 2n, ... of them; the stem that ``True`` wraps in
+    front of the blocks (see ``_block_choice``) is not counted as a block and stays wrapped.
+    """
     if next(model.parameters(), None) is None:
         raise ValueError(
             f"checkpointing was requested for a {type(model).__name__} without parameters: "
             "there is no activation gradient to save memory on; pass checkpointing=False"
         )
-    names = {id(module): name for name, module in model.named_modules()}
     if blocks is True:
-        chosen = choose_blocks(model)
+        stem, chosen = choose_blocks(model)
         if not chosen:
             candidates = candidate_classes(model)
             hint = (
@@ -162,7 +169,8 @@ def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.M
                 "modules to checkpoint with checkpointing=<block class>, a tuple of classes, "
                 "or a callable module -> bool"
             )
-        return [(names[id(block)], block) for block in chosen]
+        kept = {id(module) for module in stem + chosen[::every]}
+        return [(name, module) for name, module in model.named_modules() if id(module) in kept]
     predicate = _as_predicate(blocks)
     selected: list[tuple[str, nn.Module]] = []
 
@@ -180,7 +188,7 @@ def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.M
             "the class of the model's blocks (e.g. checkpointing=type(model.blocks[0])) or "
             "a callable that returns True for them"
         )
-    return selected
+    return selected[::every]
 
 
 class ActivationCheckpointing:
@@ -193,8 +201,7 @@ class ActivationCheckpointing:
 
     def __init__(self, model: nn.Module, policy: CheckpointPolicy) -> None:
         self.settings = as_checkpointing(policy)
-        blocks = select_blocks(model, self.settings.blocks)
-        self.blocks = blocks[:: self.settings.every]
+        self.blocks = select_blocks(model, self.settings.blocks, self.settings.every)
         self.names = tuple(name for name, _ in self.blocks)
         self._caches = CacheSwitch(model)
         self._previous: list[tuple[nn.Module, object]] = []
