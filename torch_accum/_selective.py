@@ -14,10 +14,10 @@ forward value when backward comes. Models break that in two ways:
   writes into the kept ``bmm`` output without moving its version counter. The recomputation
   then starts from the changed value and adds the term twice: gradients silently wrong.
 
-`WriteWatch` sees both. It runs below PyTorch's caching mode during the block's forward,
-notes the storages of the results that are kept, and when an op is about to write into one
-of them (any op whose schema marks an argument as written: in-place, ``out=``, ``copy_``),
-it first replaces the kept value by a copy taken before the write. The recomputation then
+`WriteWatch` sees both. Mixed into PyTorch's caching mode for the block's forward, it notes
+the storages of the results that are kept, and when an op is about to write into one of
+them (any op whose schema marks an argument as written: in-place, ``out=``, ``copy_``), it
+first replaces the kept value by a copy taken before the write. The recomputation then
 sees exactly what the forward saw, and the gradients are bit-identical to a plain run; the
 cost is the memory of that one copy, what selective meant to keep anyway. Storages are
 compared, not tensors, so every alias counts. If this torch's cache cannot be reached (its
@@ -28,13 +28,10 @@ Under ``torch.compile`` the plain PyTorch contexts are used: the traced graph is
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from types import TracebackType
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
@@ -59,6 +56,9 @@ def saved_ops() -> frozenset[Any]:
         "_scaled_dot_product_cudnn_attention",
     )
     return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+_SAVED = saved_ops()
 
 
 @functools.cache
@@ -124,21 +124,20 @@ def _kept_values(cache: object) -> list[Any] | None:
     return kept
 
 
-class WriteWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Below the caching mode in a block's forward: copies a kept result before a write.
+class WriteWatch:
+    """Mixed into PyTorch's caching mode: copies a kept result before an op writes into it.
 
-    Args:
-        cache: PyTorch's ``_CachingTorchDispatchMode`` of the same checkpoint call.
-        block: the block's qualified name, for the error if the cache cannot be reached.
+    PyTorch's ``_CachingTorchDispatchMode`` of one checkpoint call gets this class mixed in
+    (`watch`), so the watch costs no dispatch mode of its own: it notes the storages of
+    the results the mode keeps and, before an op that writes into one of them runs, gives
+    the cache a copy. Inside the handler the mode is off, so the copy is not recorded as
+    an op of the block (a memory-measuring mode below still sees it).
     """
 
-    supports_higher_order_operators = True  # passed through untouched
-
-    def __init__(self, cache: object, block: str) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.cache = cache
-        self.block = block
-        self.kept: dict[tuple[str, int], str] = {}  # storage -> the op that produced it
+    supports_higher_order_operators = True  # the caching mode's own handler takes them
+    storage: Any
+    watched_block: str
+    kept_storages: dict[tuple[str, int], str]  # storage -> the op that produced it
 
     def __torch_dispatch__(
         self,
@@ -147,62 +146,61 @@ class WriteWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
-        if self.kept:
+        kept = self.kept_storages
+        if kept:
             for position, name in _written_arguments(func):
-                target = args[position] if position < len(args) else kwargs.get(name)
+                if position < len(args):
+                    target = args[position]
+                else:
+                    target = None if kwargs is None else kwargs.get(name)
                 targets = target if isinstance(target, (list, tuple)) else (target,)
                 for tensor in targets:
                     key = _storage_key(tensor)
-                    if key is not None and key in self.kept:
+                    if key is not None and key in kept:
                         self._copy_before_write(key, func)
-        out = func(*args, **kwargs)
-        if func in saved_ops():
+        out = super().__torch_dispatch__(func, types, args, kwargs)  # type: ignore[misc]
+        if func in _SAVED:
             for leaf in tree_flatten(out)[0]:
                 key = _storage_key(leaf)
                 if key is not None:
-                    self.kept[key] = str(func)
+                    kept[key] = str(func)
         return out
 
     def _copy_before_write(self, key: tuple[str, int], writer: Any) -> None:
-        producer = self.kept.pop(key)
-        kept = _kept_values(self.cache)
+        producer = self.kept_storages.pop(key)
+        kept = _kept_values(self)
         found = [] if kept is None else [w for w in kept if _storage_key(w.val) == key]
         if not found:
             raise RuntimeError(
-                f"checkpointing='selective': block {self.block!r} writes in place ({writer}) "
-                f"into the result of {producer}, which selective checkpointing keeps for "
-                f"backward, and this torch version's cache (torch {torch.__version__}) cannot "
-                "be given a copy: the recomputation would start from the changed value. Use "
-                "checkpointing='full' for this model, or leave this block out with "
-                "Checkpointing(blocks=..., mode='selective')"
+                f"checkpointing='selective': block {self.watched_block!r} writes in place "
+                f"({writer}) into the result of {producer}, which selective checkpointing "
+                f"keeps for backward, and this torch version's cache (torch "
+                f"{torch.__version__}) cannot be given a copy: the recomputation would start "
+                "from the changed value. Use checkpointing='full' for this model, or leave "
+                "this block out with Checkpointing(blocks=..., mode='selective')"
             )
         for wrapper in found:
-            copy = wrapper.val.clone()  # this mode is off here: the caching mode does not see it
+            copy = wrapper.val.clone()
             wrapper.val, wrapper.version = copy, copy._version
 
 
-class _ForwardContext:
-    """Enters the watch, then PyTorch's caching mode above it; leaves them in reverse."""
+_WATCHING: dict[type, type] = {}
 
-    def __init__(self, watch: WriteWatch, cache: Any) -> None:
-        self.watch = watch
-        self.cache = cache
-        self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> None:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self.watch)
-            stack.enter_context(self.cache)
-            self._stack = stack.pop_all()
+def _watching(mode_class: type) -> type:
+    """``mode_class`` (PyTorch's caching mode) with `WriteWatch` mixed in, made once."""
+    if mode_class not in _WATCHING:
+        name = f"Watching{mode_class.__name__}"
+        _WATCHING[mode_class] = type(name, (WriteWatch, mode_class), {})
+    return _WATCHING[mode_class]
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        return bool(self._stack.__exit__(kind, error, traceback))
+
+def watch(cache: Any, block: str) -> Any:
+    """Make PyTorch's caching mode ``cache`` copy kept results before they are written."""
+    cache.__class__ = _watching(type(cache))
+    cache.watched_block = block
+    cache.kept_storages = {}
+    return cache
 
 
 def selective_contexts(block: str) -> tuple[Any, Any]:
@@ -210,4 +208,4 @@ def selective_contexts(block: str) -> tuple[Any, Any]:
     cache, cached = create_selective_checkpoint_contexts(list(saved_ops()))  # type: ignore[no-untyped-call]
     if _tracing():
         return cache, cached
-    return _ForwardContext(WriteWatch(cache, block), cache), cached
+    return watch(cache, block), cached
