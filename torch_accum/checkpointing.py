@@ -13,7 +13,6 @@ would run the inner forward 3 times). Which blocks ``True`` finds: see ``_block_
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import types
 from collections.abc import Callable, Iterator
@@ -322,8 +321,11 @@ class CheckpointedForward:
             with _frozen_running_stats(running_stats):
                 return forward(*saved_args, **saved_kwargs)
 
-        context_fn = functools.partial(owner.context_fn, self.name)
-        return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn)
+        return checkpoint(run, *args, use_reentrant=False, context_fn=self.context_fn)
+
+    def context_fn(self) -> Any:
+        """``checkpoint(context_fn=...)`` for this block (a bound method, as Dynamo takes)."""
+        return self.owner.context_fn(self.name)
 
 
 @contextlib.contextmanager
