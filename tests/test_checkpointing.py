@@ -328,3 +328,109 @@ def test_compiled_model_with_checkpointing_trains_and_matches():
     assert acc.checkpointed_modules == tuple(f"_orig_mod.blocks.{i}" for i in range(3))
     for got, expected in zip(compiled.parameters(), plain.parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- selective, written in place
+class RelativePositionAttention(nn.Module):
+    """timm MViTv2's attention: a term added in place to the scores of a 4-D ``q @ k^T``.
+
+    The 4-D matmul is a ``bmm`` and an ``_unsafe_view`` with a version counter of its own, so
+    a write into the scores changes the kept ``bmm`` result without PyTorch noticing.
+    """
+
+    def __init__(self, width: int = 16, heads: int = 2, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.rel = nn.Parameter(0.1 * torch.randn(heads, tokens - 1, tokens - 1))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, tokens, 3, self.heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = q @ k.transpose(-2, -1)
+        attn[:, :, 1:, 1:] += self.rel  # the class token (position 0) has no relative term
+        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, width)
+        return x + self.proj(out)
+
+
+class InplaceReluBlock(nn.Module):
+    """A Linear whose result an in-place ReLU overwrites, in a Sequential and as a call.
+
+    torchvision Swin V2's ``cpb_mlp`` (``Linear, ReLU(inplace=True), Linear``) and
+    GoogLeNet's auxiliary heads (``F.relu(self.fc1(x), inplace=True)``).
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, width)
+        )
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.relu(self.fc(self.mlp(x)), inplace=True)
+
+
+class Blocks(nn.Module):
+    def __init__(self, block: type[nn.Module], depth: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.Sequential(*(block() for _ in range(depth)))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def gradients(model, x, checkpointing):
+    model.zero_grad()
+    x = x.detach().requires_grad_()
+    with Accumulator(model, sgd(model), 2, checkpointing=checkpointing):
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("block", "shape"),
+    [(RelativePositionAttention, (2, 5, 16)), (InplaceReluBlock, (4, 16))],
+    ids=["scores-written-through-a-view", "linear-then-inplace-relu"],
+)
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_selective_is_bit_exact_when_a_block_writes_into_a_kept_matmul_result(block, shape, mode):
+    model = Blocks(block)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    expected = gradients(model, x, False)
+    got = gradients(model, x, mode)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_written_result_is_a_real_difference():
+    # The control: recomputing from the written scores (the term added twice) changes the
+    # gradients, so the test above would see a cache that kept the written value.
+    model = Blocks(RelativePositionAttention)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    expected = gradients(model, x, False)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.rel.mul_(2)
+    doubled = gradients(model, x, False)
+    assert not torch.equal(doubled[2 + 2], expected[2 + 2])  # the first block's qkv weight
+
+
+def test_selective_refuses_a_write_it_cannot_protect_naming_the_block(monkeypatch):
+    # A torch whose selective cache has another layout: an error, never a silent difference.
+    import torch_accum._selective
+
+    monkeypatch.setattr(torch_accum._selective, "_kept_values", lambda cache: None)
+    model = Blocks(InplaceReluBlock)
+    with pytest.raises(
+        RuntimeError,
+        match=r"block 'blocks.0' writes in place \(aten.relu_.default\) into the result of "
+        r"aten.addmm.default.*checkpointing='full'",
+    ):
+        gradients(model, torch.randn(4, 16), "selective")

@@ -339,6 +339,159 @@ def test_a_blocks_own_instance_forward_is_used_and_restored():
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
+class Head(nn.Sequential):
+    """torchvision FCNHead: a Sequential subclass of three parameterised layers."""
+
+    def __init__(self):
+        super().__init__(
+            nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH)
+        )
+
+
+class Backbone(nn.Module):
+    """A ResNet trunk: stem layers, then Sequential stages of blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Linear(WIDTH, WIDTH)
+        self.bn1 = nn.LayerNorm(WIDTH)
+        self.layer1 = nn.Sequential(Block(), Block())
+        self.layer2 = nn.Sequential(Block(), Block(), Block())
+
+    def forward(self, x):
+        return self.layer2(self.layer1(self.bn1(self.conv1(x))))
+
+
+class Segmenter(nn.Module):
+    """torchvision fcn_resnet50(aux_loss=True): a backbone, then two heads of one class."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Backbone()
+        self.classifier = Head()
+        self.aux_classifier = Head()
+
+    def forward(self, x):
+        features = self.backbone(x)
+        return self.classifier(features) + self.aux_classifier(features)
+
+
+def test_two_heads_of_one_class_beside_a_backbone_do_not_hide_its_blocks():
+    # The heads repeat a class at the top level, but the backbone beside them holds the
+    # blocks: the backbone is no stem to wrap whole (0.99 of the peak on fcn_resnet50 with
+    # the backbone wrapped whole, 0.44 with its Bottlenecks).
+    blocks = tuple(f"backbone.layer1.{i}" for i in range(2))
+    blocks += tuple(f"backbone.layer2.{i}" for i in range(3))
+    assert chosen(Segmenter()) == (*blocks, "classifier", "aux_classifier")
+
+
+class GhostModule(nn.Module):
+    """timm GhostNet's GhostModule: a conv-norm-act and a cheap conv-norm-act, in Sequentials."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.ReLU())
+
+    def forward(self, x):
+        return self.cheap(self.primary(x))
+
+
+class GhostBottleneck(nn.Module):
+    """Two GhostModules side by side as attributes, a residual around them: one block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ghost1 = GhostModule()
+        self.ghost2 = GhostModule()
+
+    def forward(self, x):
+        return x + self.ghost2(self.ghost1(x))
+
+
+class AttributeStage(nn.Module):
+    """timm RegNet's RegStage: its blocks as attributes b1, b2, ..."""
+
+    def __init__(self, depth):
+        super().__init__()
+        for index in range(depth):
+            self.add_module(f"b{index + 1}", Block())
+
+    def forward(self, x):
+        for block in self.children():
+            x = block(x)
+        return x
+
+
+def test_a_block_of_two_same_class_halves_is_a_block_not_a_stage():
+    # timm ghostnet_100: 16 GhostBottlenecks, not their 32 GhostModules (peak 0.33, not 0.48).
+    body = nn.Sequential(
+        nn.Sequential(GhostBottleneck()), nn.Sequential(GhostBottleneck(), GhostBottleneck())
+    )
+    assert chosen(Sequenced(body)) == ("body.0.0", "body.1.0", "body.1.1")
+
+
+def test_stages_holding_their_blocks_as_attributes_are_still_stages():
+    # Three side by side as attributes make a stage; its class is then a stage everywhere,
+    # also where it holds one block (timm regnetx_002: depths 1, 1, 4, 7).
+    body = nn.Sequential(AttributeStage(1), AttributeStage(3))
+    assert chosen(Sequenced(body)) == ("body.0.b1", "body.1.b1", "body.1.b2", "body.1.b3")
+
+
+class ReductionBlock(ScaledBlock):
+    """Inception's reduction blocks (InceptionB, InceptionD): one of their class each."""
+
+
+class OtherBlock(ScaledBlock):
+    pass
+
+
+def test_a_lone_block_between_repeated_blocks_is_a_block():
+    # Inception v3: Mixed_5b-d (InceptionA), Mixed_6a (InceptionB, alone), Mixed_6b-e
+    # (InceptionC), Mixed_7a (InceptionD, alone), Mixed_7b-c (InceptionE), as attributes.
+    model = nn.Module()
+    model.stem = LinearNormAct()
+    model.a1, model.a2 = ScaledBlock(), ScaledBlock()
+    model.reduce1 = ReductionBlock()
+    model.c1, model.c2 = OtherBlock(), OtherBlock()
+    model.reduce2 = Block()
+    model.e1, model.e2 = ScaledBlock(), ScaledBlock()
+    model.pooler = Pooler()  # after the last block: not one
+    names = ("a1", "a2", "reduce1", "c1", "c2", "reduce2", "e1", "e2")
+    assert chosen(model) == ("stem", *names)
+
+
+class FirstConv(nn.Module):
+    """wav2vec2's first feature conv: a conv and a group norm (a piece of its own class)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(WIDTH, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+
+    def forward(self, x):
+        return self.norm(self.conv(x)).relu()
+
+
+class Conv(nn.Module):
+    """wav2vec2's other feature convs: a conv and an activation, a piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(WIDTH, WIDTH)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_a_stack_of_pieces_keeps_the_different_first_piece():
+    # wav2vec2's feature encoder: the first conv, the largest activation, is wrapped too.
+    model = Sequenced(nn.ModuleList([FirstConv(), Conv(), Conv(), Conv()]))
+    assert chosen(model) == ("body.0", "body.1", "body.2", "body.3")
+    assert chosen(model, Checkpointing(every=2)) == ("body.0", "body.1", "body.3")
+
+
 # ----------------------------------------------------------------------------- KV caches
 class Config:
     """A Hugging Face style config: use_cache is on by default."""
@@ -761,6 +914,18 @@ def test_modes_are_bit_exact_with_dropout_and_batch_norm(policy):
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     for a, b in zip(got[1] + got[2], expected[1] + expected[2]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_every_n_th_counts_the_blocks_not_the_stem():
+    # ViT-like: a patch embedding in front of the blocks. It is wrapped as with True, and
+    # blocks 0, 2 (not the embedding as block 0, then blocks 1, 3) are the every-2nd ones.
+    model = nn.Module()
+    model.embeddings = Embeddings()
+    model.layers = nn.ModuleList(Block() for _ in range(4))
+    assert chosen(model) == ("embeddings", "layers.0", "layers.1", "layers.2", "layers.3")
+    assert chosen(model, Checkpointing(every=2)) == ("embeddings", "layers.0", "layers.2")
+    assert chosen(model, Checkpointing(every=3)) == ("embeddings", "layers.0", "layers.3")
+    assert chosen(model, Checkpointing(every=5)) == ("embeddings", "layers.0")
 
 
 def test_every_n_th_block_and_the_names():

@@ -212,3 +212,106 @@ def test_densenet_exact_and_deepcopy_inside_the_block():
     clone.eval()
     model.eval()
     assert not torch.equal(clone(x), model(x))  # the copy runs its own weights
+
+
+# ----------------------------------------------------------------------------- issue 24 models
+def test_more_torchvision_blocks():
+    torchvision = pytest.importorskip("torchvision")
+    fcn = torchvision.models.segmentation.fcn_resnet50(
+        weights=None, weights_backbone=None, num_classes=3, aux_loss=True
+    )
+    # Its two FCNHeads beside the backbone once made the whole backbone a stem.
+    assert block_classes(fcn) == ["Bottleneck"] * 16 + ["FCNHead"] * 2
+    inception = torchvision.models.inception_v3(weights=None, init_weights=False)
+    mixed = ["InceptionA"] * 3 + ["InceptionB"] + ["InceptionC"] * 4 + ["InceptionAux"]
+    mixed += ["InceptionD"] + ["InceptionE"] * 2
+    assert block_classes(inception) == ["BasicConv2d"] * 5 + mixed
+    googlenet = torchvision.models.googlenet(aux_logits=True, init_weights=False)
+    assert (
+        block_classes(googlenet) == ["BasicConv2d"] * 3 + ["Inception"] * 9 + ["InceptionAux"] * 2
+    )
+
+
+def test_more_timm_blocks():
+    timm = pytest.importorskip("timm")
+    # Not the two GhostModules of each GhostBottleneck.
+    assert block_classes(timm.create_model("ghostnet_100")) == ["GhostBottleneck"] * 16
+    mixed = ["InceptionA"] * 3 + ["InceptionB"] + ["InceptionC"] * 4 + ["InceptionD"]
+    assert (
+        block_classes(timm.create_model("inception_v3"))
+        == ["ConvNormAct"] * 5 + mixed + ["InceptionE"] * 2
+    )
+
+
+def wav2vec2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.0,  # SpecAugment draws from numpy's RNG, which is not seeded here
+    )
+    return transformers.Wav2Vec2ForCTC(config)
+
+
+def test_wav2vec2_wraps_its_first_feature_conv_and_is_exact():
+    generator = torch.Generator().manual_seed(0)
+    audio = torch.randn(2, 4000, generator=generator)
+    labels = torch.randint(1, 32, (2, 4), generator=generator)
+
+    def call(model):
+        return model(input_values=audio, labels=labels)
+
+    expected, _, _ = train_step(wav2vec2, call, False)
+    got, _, names = train_step(wav2vec2, call, True)
+    convs = tuple(f"wav2vec2.feature_extractor.conv_layers.{i}" for i in range(7))
+    layers = tuple(f"wav2vec2.encoder.layers.{i}" for i in range(2))
+    assert names == (*convs, "wav2vec2.encoder.pos_conv_embed", *layers)
+    assert_same_gradients(got, expected)
+
+
+def images_and_loss(side):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, side, side, generator=generator)
+    targets = torch.randint(0, 5, (2,), generator=generator)
+
+    def call(model):
+        output = model(images)
+        if isinstance(output, tuple):  # GoogLeNet's auxiliary logits in training
+            return sum(torch.nn.functional.cross_entropy(o, targets) for o in output)
+        return torch.nn.functional.cross_entropy(output, targets)
+
+    return call
+
+
+@pytest.mark.parametrize(
+    ("library", "name", "kwargs"),
+    [
+        # attn[:, :, 1:, 1:] += rel_pos on a 4-D q @ k^T: silently wrong gradients before
+        ("timm", "mvitv2_tiny", {"img_size": 64}),
+        # F.relu(self.fc1(x), inplace=True) in its auxiliary heads: "cached ... mutated"
+        ("torchvision", "googlenet", {"aux_logits": True, "init_weights": True}),
+        # Linear, ReLU(inplace=True), Linear in cpb_mlp: "cached ... mutated"
+        ("torchvision", "swin_v2_t", {}),
+    ],
+)
+def test_selective_is_exact_where_a_model_writes_into_a_matmul_result(library, name, kwargs):
+    module = pytest.importorskip(library)
+    if library == "timm":
+
+        def make():
+            return module.create_model(name, num_classes=5, **kwargs)
+    else:
+
+        def make():
+            return module.models.get_model(name, weights=None, num_classes=5, **kwargs)
+
+    call = images_and_loss(64)
+    expected, _, _ = train_step(make, call, False)
+    got, _, _ = train_step(make, call, "selective")
+    assert_same_gradients(got, expected)

@@ -13,7 +13,6 @@ would run the inner forward 3 times). Which blocks ``True`` finds: see ``_block_
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import types
 from collections.abc import Callable, Iterator
@@ -23,10 +22,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from torch_accum._block_choice import candidate_classes, choose_blocks
 from torch_accum._caches import CacheSwitch, without_caches
+from torch_accum._selective import selective_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class Checkpointing:
             outputs of matmuls and attention and recomputes only the cheap
             ops between them (norms, activations, dropout, residual adds).
         every: checkpoint every ``every``-th block only (blocks 0, every, 2*every, ...):
-            between no checkpointing (memory) and all blocks (time).
+            between no checkpointing (memory) and all blocks (time). Only the blocks are
+            counted: the stem that ``blocks=True`` wraps in front of them (a patch
+            embedding, a conv stem) stays wrapped.
 
     Examples:
         >>> from torch_accum import Checkpointing
@@ -134,16 +136,21 @@ def _as_predicate(blocks: BlockPolicy) -> Callable[[nn.Module], bool]:
     return lambda module: bool(blocks(module))  # type: ignore[operator]
 
 
-def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.Module]]:
-    """The outermost modules of ``model`` that ``blocks`` selects, in definition order."""
+def select_blocks(
+    model: nn.Module, blocks: BlockPolicy, every: int = 1
+) -> list[tuple[str, nn.Module]]:
+    """The outermost modules of ``model`` that ``blocks`` selects, in definition order.
+
+    With ``every=n`` only blocks 0, n, 2n, ... of them; the stem that ``True`` wraps in
+    front of the blocks (see ``_block_choice``) is not counted as a block and stays wrapped.
+    """
     if next(model.parameters(), None) is None:
         raise ValueError(
             f"checkpointing was requested for a {type(model).__name__} without parameters: "
             "there is no activation gradient to save memory on; pass checkpointing=False"
         )
-    names = {id(module): name for name, module in model.named_modules()}
     if blocks is True:
-        chosen = choose_blocks(model)
+        stem, chosen = choose_blocks(model)
         if not chosen:
             candidates = candidate_classes(model)
             hint = (
@@ -161,7 +168,8 @@ def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.M
                 "modules to checkpoint with checkpointing=<block class>, a tuple of classes, "
                 "or a callable module -> bool"
             )
-        return [(names[id(block)], block) for block in chosen]
+        kept = {id(module) for module in stem + chosen[::every]}
+        return [(name, module) for name, module in model.named_modules() if id(module) in kept]
     predicate = _as_predicate(blocks)
     selected: list[tuple[str, nn.Module]] = []
 
@@ -179,7 +187,7 @@ def select_blocks(model: nn.Module, blocks: BlockPolicy) -> list[tuple[str, nn.M
             "the class of the model's blocks (e.g. checkpointing=type(model.blocks[0])) or "
             "a callable that returns True for them"
         )
-    return selected
+    return selected[::every]
 
 
 class ActivationCheckpointing:
@@ -192,8 +200,7 @@ class ActivationCheckpointing:
 
     def __init__(self, model: nn.Module, policy: CheckpointPolicy) -> None:
         self.settings = as_checkpointing(policy)
-        blocks = select_blocks(model, self.settings.blocks)
-        self.blocks = blocks[:: self.settings.every]
+        self.blocks = select_blocks(model, self.settings.blocks, self.settings.every)
         self.names = tuple(name for name, _ in self.blocks)
         self._caches = CacheSwitch(model)
         self._previous: list[tuple[nn.Module, object]] = []
@@ -225,37 +232,18 @@ class ActivationCheckpointing:
         finally:
             self._caches.restore()
 
-    def context_fn(self) -> Any:
-        """``checkpoint(context_fn=...)`` for the mode: what to save instead of recompute."""
+    def context_fn(self, block: str = "") -> Any:
+        """``checkpoint(context_fn=...)`` for the mode: what to save instead of recompute.
+
+        Selective keeps matmul and attention results, copied first if ``block`` writes into
+        one in place (see ``_selective``).
+        """
         if self.settings.mode == "selective":
-            return create_selective_checkpoint_contexts(_expensive_ops())  # type: ignore[no-untyped-call]
+            return selective_contexts(block)
         return contextlib.nullcontext(), contextlib.nullcontext()
 
 
 _ABSENT = object()
-
-
-@functools.cache
-def _expensive_ops() -> list[Any]:
-    """Ops whose outputs selective checkpointing keeps: matmuls and attention.
-
-    Not convolutions: CNNs often apply an in-place activation straight to a conv output
-    (squeeze-excitation, SqueezeNet), which a kept result must not see (PyTorch raises
-    "Tensor cached during selective activation checkpoint has been mutated" in backward).
-    """
-    aten = torch.ops.aten
-    names = (
-        "mm",
-        "addmm",
-        "bmm",
-        "baddbmm",
-        "_scaled_mm",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-    )
-    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
 
 
 def _unpatched_forward(block: nn.Module, previous: object) -> object:
@@ -333,7 +321,11 @@ class CheckpointedForward:
             with _frozen_running_stats(running_stats):
                 return forward(*saved_args, **saved_kwargs)
 
-        return checkpoint(run, *args, use_reentrant=False, context_fn=owner.context_fn)
+        return checkpoint(run, *args, use_reentrant=False, context_fn=self.context_fn)
+
+    def context_fn(self) -> Any:
+        """``checkpoint(context_fn=...)`` for this block (a bound method, as Dynamo takes)."""
+        return self.owner.context_fn(self.name)
 
 
 @contextlib.contextmanager
