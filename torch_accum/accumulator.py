@@ -166,13 +166,13 @@ class Accumulator:
         self.total_micro_batches = check_optional_count("total_micro_batches", total_micro_batches)
         self.progress = check_progress(progress)
         self.memory_budget = check_optional_positive_int("memory_budget", memory_budget)
+        self._autofit = check_autofit(checkpointing, micro_batch_size, memory_budget, model)
         self._runner = _micro_batch_runner(
             check_micro_batch_size(micro_batch_size),
             check_optional_positive_int("max_micro_batch_size", max_micro_batch_size),
             self.memory_budget,
             check_optional_positive_int("probe_up_after", probe_up_after),
         )
-        self._autofit = check_autofit(checkpointing, micro_batch_size, memory_budget, model)
         #: The [`Plan`][torch_accum.Plan] that ``checkpointing="auto"`` chose, once planned.
         self.plan: Plan | None = None
         self._checkpointing = (
