@@ -78,7 +78,9 @@ def test_a_budget_that_holds_the_whole_batch_times_no_checkpointing_policy():
     model = make_gpt()
     (batch,) = token_batches(1)
     plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
-    assert (plan.micro_batch_size, plan.accumulation_steps, plan.checkpointing) == (BATCH, 1, False)
+    # Timed at the whole batch; a smaller size only where it measured faster.
+    assert plan.checkpointing is False
+    assert any(c.micro_batch_size == BATCH and c.samples_per_second for c in plan.candidates)
     others = [c for c in plan.candidates if c.label != "off"]
     assert len(others) == 4
     assert all(c.status == "dominated by off" and c.samples_per_second is None for c in others)
@@ -255,7 +257,10 @@ def test_an_effective_batch_larger_than_the_sample_batch_is_planned_on_repeated_
     model = make_gpt()
     (batch,) = token_batches(1, size=4)
     plan = autofit(model, batch, loss_of(model), memory_budget=10**9, effective_batch=16)
-    assert (plan.micro_batch_size, plan.accumulation_steps, plan.effective_batch) == (16, 1, 16)
+    assert plan.effective_batch == 16
+    assert plan.micro_batch_size * plan.accumulation_steps >= 16
+    # The whole effective batch was measured, on the 4 samples repeated:
+    assert any(c.micro_batch_size == 16 and c.samples_per_second for c in plan.candidates)
 
 
 def test_the_plan_builds_the_accumulator_in_one_line_and_refuses_clashing_options():

@@ -35,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -415,6 +416,7 @@ def autofit(
     micro_batch_sizes: SizeChoice | Iterable[int] = "balanced",
     max_micro_batch_size: int | None = None,
     repeats: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Plan:
     """Choose the micro-batch size and the checkpointing with the most samples per second.
 
@@ -437,6 +439,9 @@ def autofit(
             ``acc.backward`` loops over a DataLoader) or an iterable of sizes.
         max_micro_batch_size: leave out larger sizes.
         repeats: timed runs per candidate (the fastest counts; the first also warms up).
+        clock: what times the runs: wall time by default; on a CPU shared with other
+            processes ``time.process_time`` (CPU seconds of this process) ranks the
+            candidates more steadily.
 
     Returns:
         The [`Plan`][torch_accum.Plan]; ``print(plan.table())`` shows every candidate.
@@ -472,6 +477,7 @@ def autofit(
         max_micro_batch_size=max_micro_batch_size,
         repeats=repeats,
         gather=_process_group_gather(model),
+        clock=clock,
     )
 
 
@@ -515,6 +521,7 @@ def _autofit(
     max_micro_batch_size: int | None,
     repeats: int,
     gather: Gather | None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Plan:
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -545,7 +552,11 @@ def _autofit(
     budget = _budget(memory_budget, device)
     sizes = _candidate_sizes(total, micro_batch_sizes, max_micro_batch_size)
     tried = _policies(model, DEFAULT_POLICIES if policies is None else policies)
-    search = _Search(model, batch, available, compute_loss, device, repeats, gather)
+    if not callable(clock):
+        raise TypeError(
+            f"clock must be a callable returning seconds, e.g. time.process_time, got {clock!r}"
+        )
+    search = _Search(model, batch, available, compute_loss, device, repeats, gather, clock)
     try:
         choice = search.run(tried, sizes, budget, total)
     finally:
@@ -605,6 +616,15 @@ def _budget(memory_budget: int | float | None, device: torch.device) -> int:
     return int(fraction * free)
 
 
+_OUT_OF_MEMORY = float(2**62)
+
+
+def _release_cached_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class _Search:
     """The measurements of one planning run, and the decisions taken from them."""
 
@@ -617,6 +637,7 @@ class _Search:
         device: torch.device,
         repeats: int,
         gather: Gather | None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model = model
         self.batch = batch
@@ -625,6 +646,7 @@ class _Search:
         self.device = device
         self.repeats = repeats
         self.gather = gather
+        self.clock = clock
         self.lines: dict[_Policy, tuple[float, float]] = {}  # intercept, slope
         self.peaks: dict[tuple[_Policy, int], int] = {}
         self.speeds: dict[tuple[_Policy, int], float] = {}
@@ -655,9 +677,13 @@ class _Search:
 
             def measure() -> float:
                 self.untouched.reset_between_runs()
-                memory = measure_activation_memory(
-                    lambda: self.compute_loss(micro), parameters=self.model.parameters()
-                )
+                try:
+                    memory = measure_activation_memory(
+                        lambda: self.compute_loss(micro), parameters=self.model.parameters()
+                    )
+                except torch.OutOfMemoryError:  # CUDA: over any budget
+                    _release_cached_memory()
+                    return _OUT_OF_MEMORY
                 peak = memory.peak
                 if memory.cuda_max_allocated is not None:
                     peak = max(peak, memory.cuda_max_allocated)
@@ -676,14 +702,20 @@ class _Search:
                 # and the fastest of several is the least disturbed by other processes.
                 # Ranks in lockstep run the same count (FSDP2 gathers in every forward).
                 best, spent, runs = math.inf, 0.0, 0
+                if self.peaks.get((policy, size), 0) >= _OUT_OF_MEMORY:
+                    return math.inf
                 while runs < self.repeats or (self.gather is None and spent < 0.25 and runs < 20):
                     runs += 1
                     self.untouched.reset_between_runs()
                     self._synchronize()
-                    start = time.perf_counter()
-                    self.compute_loss(micro).backward()  # type: ignore[no-untyped-call]
-                    self._synchronize()
-                    elapsed = time.perf_counter() - start
+                    start = self.clock()
+                    try:
+                        self.compute_loss(micro).backward()  # type: ignore[no-untyped-call]
+                        self._synchronize()
+                    except torch.OutOfMemoryError:  # CUDA: this candidate cannot run
+                        _release_cached_memory()
+                        return math.inf
+                    elapsed = self.clock() - start
                     best, spent = min(best, elapsed), spent + elapsed
                 return best
 
@@ -703,8 +735,18 @@ class _Search:
     def fit(self, policy: _Policy, sizes: list[int]) -> None:
         """Two small probes: the peak's line in the micro-batch size."""
         small = sorted(sizes)
+        # Not 1: BatchNorm refuses one sample in training (and it is the noisiest probe).
         first = next((s for s in small if s >= 2), small[0])
         second = next((s for s in small if s >= 2 * first), small[-1])
+        self.refit(policy, first, second)
+
+    def refit(self, policy: _Policy, first: int, second: int) -> None:
+        """The line through the measured peaks at ``first`` and ``second`` samples.
+
+        The peak is the largest of lines (one per point of the run), so a line through two
+        small sizes can only under-predict at larger ones: a size measured over budget
+        refits the line through it (``_fastest``), which moves it up.
+        """
         p1 = self.peak(policy, first)
         if second == first:
             self.lines[policy] = (float(p1), 0.0)
@@ -790,6 +832,7 @@ class _Search:
         # Measured, not predicted, before it is chosen.
         if self.peak(policy, size) <= budget:
             return policy, size
+        self.refit(policy, sizes[-1], size)
         fits = self.largest_fitting(policy, sizes, budget)
         logger.info(
             "autofit: %s at %d measured %d bytes > budget %d; next size %s",
