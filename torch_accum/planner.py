@@ -650,6 +650,8 @@ class _Search:
         self.lines: dict[_Policy, tuple[float, float]] = {}  # intercept, slope
         self.peaks: dict[tuple[_Policy, int], int] = {}
         self.speeds: dict[tuple[_Policy, int], float] = {}
+        self.seconds: dict[tuple[_Policy, int], float] = {}
+        self.runs: dict[tuple[_Policy, int], int] = {}
         self.dominated: dict[_Policy, _Policy] = {}
         self.untouched = _Untouched(model)
 
@@ -692,36 +694,52 @@ class _Search:
             self.peaks[policy, size] = int(self._agreed(self._with_policy(policy, measure)))
         return self.peaks[policy, size]
 
-    def speed(self, policy: _Policy, size: int) -> float:
-        if (policy, size) not in self.speeds:
-            micro = _resized(self.batch, size, self.available)
+    def speed(self, policy: _Policy, size: int, runs: int = 1) -> float:
+        """Samples/s of one micro-batch's forward and backward: the fastest of ``runs`` runs.
 
-            def timed() -> float:
-                # At least `repeats` runs, and more (up to 20) while they add up to less
-                # than a quarter of a second: small micro-batches are cheap to time again,
-                # and the fastest of several is the least disturbed by other processes.
-                # Ranks in lockstep run the same count (FSDP2 gathers in every forward).
-                best, spent, runs = math.inf, 0.0, 0
-                if self.peaks.get((policy, size), 0) >= _OUT_OF_MEMORY:
-                    return math.inf
-                while runs < self.repeats or (self.gather is None and spent < 0.25 and runs < 20):
-                    runs += 1
-                    self.untouched.reset_between_runs()
+        Runs add up: asking again with more runs only runs the missing ones. The first
+        call also runs on while its runs add up to less than a quarter of a second (small
+        micro-batches are cheap to time again; the fastest of several is the least
+        disturbed by other processes), except for ranks in lockstep, which must run the
+        same count (FSDP2 gathers parameters in every forward).
+        """
+        key = (policy, size)
+        done = self.runs.get(key, 0)
+        if done >= runs:
+            return self.speeds[key]
+        micro = _resized(self.batch, size, self.available)
+
+        def timed() -> float:
+            best, spent, count = self.seconds.get(key, math.inf), 0.0, done
+            if self.peaks.get(key, 0) >= _OUT_OF_MEMORY:
+                return math.inf
+            while count < runs or (
+                done == 0 and self.gather is None and spent < 0.25 and count < 20
+            ):
+                count += 1
+                self.untouched.reset_between_runs()
+                self._synchronize()
+                start = self.clock()
+                try:
+                    self.compute_loss(micro).backward()  # type: ignore[no-untyped-call]
                     self._synchronize()
-                    start = self.clock()
-                    try:
-                        self.compute_loss(micro).backward()  # type: ignore[no-untyped-call]
-                        self._synchronize()
-                    except torch.OutOfMemoryError:  # CUDA: this candidate cannot run
-                        _release_cached_memory()
-                        return math.inf
-                    elapsed = self.clock() - start
-                    best, spent = min(best, elapsed), spent + elapsed
-                return best
+                except torch.OutOfMemoryError:  # CUDA: this candidate cannot run
+                    _release_cached_memory()
+                    return math.inf
+                elapsed = self.clock() - start
+                best, spent = min(best, elapsed), spent + elapsed
+            self.runs[key] = count
+            return best
 
-            seconds = self._agreed(self._with_policy(policy, timed))
-            self.speeds[policy, size] = size / max(seconds, 1e-9)
-        return self.speeds[policy, size]
+        seconds = self._agreed(self._with_policy(policy, timed))
+        self.runs[key] = max(self.runs.get(key, 0), runs)
+        self.seconds[key] = seconds
+        self.speeds[key] = size / max(seconds, 1e-9)
+        return self.speeds[key]
+
+    def forget_timing(self, policy: _Policy, size: int) -> None:
+        for measured in (self.runs, self.seconds, self.speeds):
+            measured.pop((policy, size), None)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -829,6 +847,15 @@ class _Search:
             if self.speed(policy, smaller) <= self.speeds[policy, size]:
                 break
             size = smaller
+            timed.append((policy, size))
+        # One run each so far; the contenders within 15% of the fastest get the rest of
+        # their runs (a disturbed run only makes a candidate look slower), then the
+        # fastest of them wins.
+        fastest = self.speeds[policy, size]
+        for key in timed:
+            if self.speeds[key] >= 0.85 * fastest:
+                self.speed(*key, runs=self.repeats)
+        policy, size = max(timed, key=lambda t: self.speeds[t])
         # Measured, not predicted, before it is chosen.
         if self.peak(policy, size) <= budget:
             return policy, size
