@@ -654,6 +654,9 @@ class _Search:
         self.runs: dict[tuple[_Policy, int], int] = {}
         self.dominated: dict[_Policy, _Policy] = {}
         self.untouched = _Untouched(model)
+        self.has_batch_norm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        )
 
     # -------------------------------------------------------------- measurements
     def _agreed(self, value: float) -> float:
@@ -753,8 +756,10 @@ class _Search:
     def fit(self, policy: _Policy, sizes: list[int]) -> None:
         """Two small probes: the peak's line in the micro-batch size."""
         small = sorted(sizes)
-        # Not 1: BatchNorm refuses one sample in training (and it is the noisiest probe).
-        first = next((s for s in small if s >= 2), small[0])
+        # The smallest sizes cost least; not 1 with BatchNorm, which refuses one sample in
+        # training.
+        least = 2 if self.has_batch_norm else 1
+        first = next((s for s in small if s >= least), small[0])
         second = next((s for s in small if s >= 2 * first), small[-1])
         self.refit(policy, first, second)
 
@@ -848,12 +853,12 @@ class _Search:
                 break
             size = smaller
             timed.append((policy, size))
-        # One run each so far; the contenders within 15% of the fastest get the rest of
+        # One run each so far; the contenders within 10% of the fastest get the rest of
         # their runs (a disturbed run only makes a candidate look slower), then the
         # fastest of them wins.
         fastest = self.speeds[policy, size]
         for key in timed:
-            if self.speeds[key] >= 0.85 * fastest:
+            if self.speeds[key] >= 0.9 * fastest:
                 self.speed(*key, runs=self.repeats)
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # Measured, not predicted, before it is chosen.
