@@ -251,6 +251,11 @@ def test_autofit_refuses_what_cannot_fit_or_is_not_a_budget():
         autofit(model, batch, loss_of(model), memory_budget=10**8, effective_batch=0)
     with pytest.raises(ValueError, match=r"micro_batch_sizes must hold positive ints, got 0"):
         autofit(model, batch, loss_of(model), memory_budget=10**8, micro_batch_sizes=[8, 0])
+    model.eval()
+    with pytest.raises(
+        ValueError, match=r"the model is in evaluation mode .* call model.train\(\) first"
+    ):
+        autofit(model, batch, loss_of(model), memory_budget=10**8)
 
 
 def test_an_effective_batch_larger_than_the_sample_batch_is_planned_on_repeated_samples():
@@ -314,3 +319,10 @@ def test_every_rank_uses_the_same_plan_when_their_timings_differ(tmp_path):
     # Rank 1 is slow at micro-batches above 4 samples: its timings, agreed, decided.
     assert standalone[0][0] <= 4 and auto[0][0] <= 4
     torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
+
+
+def test_fsdp2_ranks_plan_in_lockstep_and_agree(tmp_path):
+    ranks = launch("autofit_fsdp2", tmp_path, timeout=240)
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert ranks[0]["plan"][0] <= 4
+    assert ranks[0]["untouched"] and ranks[1]["untouched"]

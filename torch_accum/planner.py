@@ -548,7 +548,17 @@ def _autofit(
         raise ValueError(
             f"max_micro_batch_size must be a positive int or None, got {max_micro_batch_size!r}"
         )
-    device = next(model.parameters()).device
+    first_parameter = next(model.parameters(), None)
+    if first_parameter is None:
+        raise ValueError(
+            f"autofit needs a model with parameters; {type(model).__name__} has none to train"
+        )
+    if not model.training:
+        raise ValueError(
+            "autofit plans for training, but the model is in evaluation mode (checkpointing, "
+            "dropout and BatchNorm act differently there); call model.train() first"
+        )
+    device = first_parameter.device
     budget = _budget(memory_budget, device)
     sizes = _candidate_sizes(total, micro_batch_sizes, max_micro_batch_size)
     tried = _policies(model, DEFAULT_POLICIES if policies is None else policies)
@@ -701,10 +711,10 @@ class _Search:
         """Samples/s of one micro-batch's forward and backward: the fastest of ``runs`` runs.
 
         Runs add up: asking again with more runs only runs the missing ones. The first
-        call also runs on while its runs add up to less than a quarter of a second (small
-        micro-batches are cheap to time again; the fastest of several is the least
-        disturbed by other processes), except for ranks in lockstep, which must run the
-        same count (FSDP2 gathers parameters in every forward).
+        call runs more (up to 20) when its runs add up to less than a quarter of a second:
+        small micro-batches are cheap to time again, and the fastest of several is the
+        least disturbed by other processes. Ranks in lockstep run the same count (FSDP2
+        gathers parameters in every forward): it is computed from the agreed time.
         """
         key = (policy, size)
         done = self.runs.get(key, 0)
@@ -712,14 +722,11 @@ class _Search:
             return self.speeds[key]
         micro = _resized(self.batch, size, self.available)
 
-        def timed() -> float:
-            best, spent, count = self.seconds.get(key, math.inf), 0.0, done
+        def timed(count: int) -> float:
+            best = math.inf
             if self.peaks.get(key, 0) >= _OUT_OF_MEMORY:
-                return math.inf
-            while count < runs or (
-                done == 0 and self.gather is None and spent < 0.25 and count < 20
-            ):
-                count += 1
+                return best
+            for _ in range(count):
                 self.untouched.reset_between_runs()
                 self._synchronize()
                 start = self.clock()
@@ -729,13 +736,18 @@ class _Search:
                 except torch.OutOfMemoryError:  # CUDA: this candidate cannot run
                     _release_cached_memory()
                     return math.inf
-                elapsed = self.clock() - start
-                best, spent = min(best, elapsed), spent + elapsed
-            self.runs[key] = count
+                best = min(best, self.clock() - start)
             return best
 
-        seconds = self._agreed(self._with_policy(policy, timed))
-        self.runs[key] = max(self.runs.get(key, 0), runs)
+        count = runs - done
+        seconds = self._agreed(self._with_policy(policy, lambda: timed(count)))
+        if done == 0 and seconds > 0 and seconds * count < 0.25:
+            more = min(20, math.ceil(0.25 / seconds)) - count
+            if more > 0:
+                again = self._agreed(self._with_policy(policy, lambda: timed(more)))
+                seconds, count = min(seconds, again), count + more
+        seconds = min(seconds, self.seconds.get(key, math.inf))
+        self.runs[key] = done + count
         self.seconds[key] = seconds
         self.speeds[key] = size / max(seconds, 1e-9)
         return self.speeds[key]
