@@ -258,6 +258,24 @@ def test_autofit_refuses_what_cannot_fit_or_is_not_a_budget():
         autofit(model, batch, loss_of(model), memory_budget=10**8)
 
 
+def test_a_size_that_makes_the_cuda_allocator_retry_is_not_chosen(monkeypatch):
+    # On CUDA a micro-batch at the edge of the device's memory makes the allocator free its
+    # cache and retry (slow, and an out-of-memory error waiting to happen); simulated here.
+    retries = [0]
+    monkeypatch.setattr("torch_accum.planner._allocator_retries", lambda device: retries[0])
+    model = make_gpt()
+    (batch,) = token_batches(1)
+
+    def compute_loss(tokens):
+        retries[0] += tokens.shape[0] > 8
+        return loss_of(model)(tokens)
+
+    plan = autofit(model, batch, compute_loss, memory_budget=10**9)
+    assert plan.micro_batch_size <= 8
+    retried = [c for c in plan.candidates if c.status == "allocator retries"]
+    assert retried and all(c.micro_batch_size > 8 for c in retried)
+
+
 def test_an_effective_batch_larger_than_the_sample_batch_is_planned_on_repeated_samples():
     model = make_gpt()
     (batch,) = token_batches(1, size=4)

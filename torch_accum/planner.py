@@ -89,7 +89,9 @@ class Candidate:
     not); ``samples_per_second`` is the measured forward and backward throughput of one
     micro-batch of this size (None when it was not timed); ``status`` says what the
     planner did with it: ``"chosen"``, ``"timed"``, ``"dominated by <label>"`` (another
-    policy recomputes less and fits a micro-batch as large), ``"over budget"``.
+    policy recomputes less and fits a micro-batch as large), ``"over budget"``
+    (predicted), ``"over budget (measured)"``, ``"allocator retries"`` (CUDA: timing it
+    made the allocator free its cache and retry, so it counts as 0 samples/s).
     """
 
     label: str
@@ -629,6 +631,13 @@ def _budget(memory_budget: int | float | None, device: torch.device) -> int:
 _OUT_OF_MEMORY = float(2**62)
 
 
+def _allocator_retries(device: torch.device) -> int:
+    """How often the CUDA allocator freed its cache to retry an allocation, so far."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+
+
 def _release_cached_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -662,6 +671,7 @@ class _Search:
         self.speeds: dict[tuple[_Policy, int], float] = {}
         self.seconds: dict[tuple[_Policy, int], float] = {}
         self.runs: dict[tuple[_Policy, int], int] = {}
+        self.retried: set[tuple[_Policy, int]] = set()
         self.dominated: dict[_Policy, _Policy] = {}
         self.untouched = _Untouched(model)
         self.has_batch_norm = any(
@@ -726,6 +736,7 @@ class _Search:
             best = math.inf
             if self.peaks.get(key, 0) >= _OUT_OF_MEMORY:
                 return best
+            retries = _allocator_retries(self.device)
             for _ in range(count):
                 self.untouched.reset_between_runs()
                 self._synchronize()
@@ -737,6 +748,12 @@ class _Search:
                     _release_cached_memory()
                     return math.inf
                 best = min(best, self.clock() - start)
+            if _allocator_retries(self.device) > retries:
+                # The CUDA allocator freed its cache and retried: this size works only at
+                # the edge of the device's memory, slowly, and may fail next time.
+                logger.info("autofit: %s at %d made the allocator retry", policy.label, size)
+                self.retried.add(key)
+                return math.inf
             return best
 
         count = runs - done
@@ -859,9 +876,10 @@ class _Search:
             return None
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # The largest micro-batch is not always the fastest (allocator retries, caches):
-        # walk down this policy's sizes while that gets faster.
+        # walk down this policy's sizes while that gets faster (or this one cannot run).
         for smaller in (s for s in sizes if s < size):
-            if self.speed(policy, smaller) <= self.speeds[policy, size]:
+            current = self.speeds[policy, size]
+            if self.speed(policy, smaller) <= current and current > 0:
                 break
             size = smaller
             timed.append((policy, size))
@@ -902,16 +920,19 @@ class _Search:
             timed_sizes = sorted({s for p, s in self.speeds if p is policy}, reverse=True)
             shown = timed_sizes or [self.largest_fitting(policy, sizes, budget) or sizes[-1]]
             for size in shown:
-                if (policy, size) == choice:
+                key = (policy, size)
+                if key == choice:
                     status = "chosen"
-                elif (policy, size) in self.speeds:
+                elif key in self.retried:
+                    status = "allocator retries"
+                elif key in self.peaks and self.peaks[key] > budget:
+                    status = "over budget (measured)"
+                elif key in self.speeds:
                     status = "timed"
                 elif policy in self.dominated:
                     status = f"dominated by {self.dominated[policy].label}"
                 else:
                     status = "over budget"
-                if (policy, size) in self.peaks and self.peaks[policy, size] > budget:
-                    status = "over budget (measured)"
                 rows.append(
                     Candidate(
                         label=policy.label,
