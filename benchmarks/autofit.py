@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs (minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT only (seconds)")
+    parser.add_argument("--model", choices=("gpt", "resnet", "both"), default="both")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument(
         "--clock",
@@ -257,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, torch_accum {torch_accum.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} thread(s), {args.clock} clock"
     )
-    rows = run_case(*gpt_case(args), total=args.batch)
-    if not args.smoke:
+    rows = [] if args.model == "resnet" else run_case(*gpt_case(args), total=args.batch)
+    if not args.smoke and args.model != "gpt":
         resnet = resnet_case(args)
         if resnet is not None:
             rows += run_case(*resnet, total=args.batch)

@@ -883,13 +883,13 @@ class _Search:
                 break
             size = smaller
             timed.append((policy, size))
-        # One run each so far; the contenders within 10% of the fastest get the rest of
-        # their runs (a disturbed run only makes a candidate look slower), then the
-        # fastest of them wins.
+        # One run each so far; when others come within 10% of the fastest, these
+        # contenders get the rest of their runs (a disturbed run only makes a candidate
+        # look slower), then the fastest of them wins.
         fastest = self.speeds[policy, size]
-        for key in timed:
-            if self.speeds[key] >= 0.9 * fastest:
-                self.speed(*key, runs=self.repeats)
+        contenders = [key for key in timed if self.speeds[key] >= 0.9 * fastest]
+        for key in contenders if len(contenders) > 1 else []:
+            self.speed(*key, runs=self.repeats)
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # Measured, not predicted, before it is chosen.
         if self.peak(policy, size) <= budget:
