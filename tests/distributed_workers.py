@@ -842,6 +842,68 @@ def uneven_matrix_fsdp2(rank: int, world: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- launching
+def autofit_ranks(rank: int, world: int) -> dict[str, Any]:
+    """autofit and checkpointing="auto" under DDP, where rank 1 is slow at large micro-batches."""
+    from torch_accum import autofit
+
+    model = ddp_model()
+    x, y = global_batches(1, world * 16)[0]
+    mine = (x.chunk(world)[rank], y.chunk(world)[rank])
+
+    def compute_loss(micro: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        size = micro[0].shape[0]
+        if rank == 1 and size > 4:
+            time.sleep(0.0002 * size**3)  # slower per sample the larger the micro-batch
+        return nn.functional.mse_loss(model(micro[0]), micro[1])
+
+    plan = autofit(model, mine, compute_loss, memory_budget=10**9)
+    optimizer = make_optimizer("sgd", model.parameters())
+    acc = Accumulator(
+        model, optimizer, micro_batch_size="auto", checkpointing="auto", memory_budget=10**9
+    )
+    with acc:
+        for _ in range(2):
+            acc.step_batch(mine, compute_loss)
+    assert acc.plan is not None
+    return {
+        "standalone": (plan.micro_batch_size, plan.label),
+        "auto": (acc.plan.micro_batch_size, acc.plan.label, acc.micro_batch_size),
+        "params": params_of(model.module),
+    }
+
+
+def autofit_fsdp2(rank: int, world: int) -> dict[str, Any]:
+    """autofit on an FSDP2 model, rank 1 slow at large micro-batches: ranks in lockstep."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_accum import autofit
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_net()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x, y = global_batches(1, world * 16)[0]
+    mine = (x.chunk(world)[rank], y.chunk(world)[rank])
+
+    def compute_loss(micro: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        size = micro[0].shape[0]
+        if rank == 1 and size > 4:
+            time.sleep(0.0002 * size**3)
+        return nn.functional.mse_loss(model(micro[0]), micro[1])
+
+    before = [p.full_tensor().detach().clone() for p in model.parameters()]
+    plan = autofit(model, mine, compute_loss, memory_budget=10**9)
+    after = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return {
+        "plan": (plan.micro_batch_size, plan.label),
+        "table": plan.table(),
+        "untouched": all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        and all(p.grad is None for p in model.parameters()),
+    }
+
+
 def _entry(scenario: str, rank: int, world: int, out: str) -> None:
     # A file store, not a TCP port: concurrent test runs cannot collide on it.
     store = dist.FileStore(str(Path(out) / "store"), world)

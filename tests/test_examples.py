@@ -216,3 +216,32 @@ def test_precision_benchmark_smoke():
     ]
     assert len(rows) == 12  # 2 models x 2 dtypes x K in {1, 3, 4}
     assert "float32 / param dtype" in result.stdout
+
+
+def test_autofit_example_trains_the_gpt_with_the_plan_exactly():
+    result = run("examples/autofit.py", "--model", "gpt", "--budget-fraction", "0.3", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MATCH: 3 steps with the plan (micro-batches of" in result.stdout
+    assert result.stdout.count("\n* ") == 1  # one chosen row in the printed table
+    result = run("examples/autofit.py", "--budget-fraction", "1.5")
+    assert result.returncode == 2
+    assert "--budget-fraction: expected a number in (0, 1], got 1.5" in result.stderr
+
+
+def test_autofit_benchmark_smoke():
+    result = run("benchmarks/autofit.py", "--smoke", timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| GPT")]
+    assert [row.split("|")[2].strip().split()[0] for row in rows] == ["20%", "35%", "50%", "100%"]
+    assert "OVER" not in result.stdout
+
+
+def test_autofit_example_for_the_resnet_without_torchvision_says_what_to_install():
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed")
+    result = run_example("autofit.py", "--model", "resnet")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "autofit.py needs torchvision (ModuleNotFoundError: No module named 'torchvision'): "
+        "pip install -e '.[examples]'"
+    ]

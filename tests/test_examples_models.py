@@ -238,3 +238,19 @@ def test_image_classification_says_where_the_cifar_files_go(tmp_path, capsys):
     assert "pass its parent folder" in error
     error = usage_error(image_classification.main, ["--data-dir", str(tmp_path)], capsys)
     assert "data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch, " in error
+
+
+@needs_torchvision
+def test_autofit_example_plans_and_trains_a_resnet_within_its_budget():
+    result = run("autofit.py", "--model", "resnet", "--steps", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(
+        r"^resnet18: 2 steps of 16 images in micro-batches of (\d+) x (\d+), checkpointing "
+        r"[\w ,]+, peak (\d+\.\d) of (\d+\.\d) MiB",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert match, result.stdout
+    micro, steps, peak, budget = match.groups()
+    assert int(micro) * int(steps) >= 16 and int(steps) > 1
+    assert float(peak) <= float(budget)

@@ -178,6 +178,27 @@ def check_optional_count(name: str, value: object) -> int | None:
     return value
 
 
+def check_autofit(
+    checkpointing: object, micro_batch_size: object, memory_budget: object, model: torch.nn.Module
+) -> bool:
+    """Whether ``checkpointing="auto"`` was asked for, with what it needs."""
+    if not (isinstance(checkpointing, str) and checkpointing == "auto"):
+        return False
+    if micro_batch_size != "auto":
+        raise ValueError(
+            f"checkpointing='auto' plans the micro-batch size too, but micro_batch_size="
+            f"{micro_batch_size!r}; pass micro_batch_size='auto' (and memory_budget), or a "
+            "fixed checkpointing such as checkpointing=True"
+        )
+    cuda = any(p.device.type == "cuda" for p in model.parameters())
+    if memory_budget is None and not cuda:
+        raise ValueError(
+            "checkpointing='auto' needs memory_budget (bytes that one micro-batch may hold) "
+            "for a model that is not on CUDA; pass e.g. memory_budget=2 * 2**30"
+        )
+    return True
+
+
 def check_micro_batch_size(value: object) -> int | Literal["auto"] | None:
     if value is None:
         return None

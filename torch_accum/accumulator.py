@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch_accum._state import RunState
 from torch_accum._validation import (
     check_accumulation_dtype,
     check_accumulation_steps,
+    check_autofit,
     check_choice,
     check_flag,
     check_loss,
@@ -41,6 +42,7 @@ from torch_accum._window import WindowState
 from torch_accum.checkpointing import ActivationCheckpointing, CheckpointPolicy
 from torch_accum.distributed import GradientSync
 from torch_accum.microbatch import MicroBatchRunner, MicroBatchSize
+from torch_accum.planner import Plan, plan_first_batch
 from torch_accum.progress import ProgressBar, check_progress
 
 PartialWindow = Literal["apply", "discard", "carry"]
@@ -107,6 +109,10 @@ class Accumulator:
             tuple of classes, a callable ``module -> bool``, or a
             [`Checkpointing`][torch_accum.Checkpointing] (blocks, mode, every n-th block).
             The wrapped blocks are listed in ``checkpointed_modules``. Default off.
+            ``"auto"`` (with ``micro_batch_size="auto"`` and ``memory_budget``) lets
+            [`autofit`][torch_accum.autofit] choose the checkpointing and the micro-batch
+            size with the most samples per second on the first ``step_batch`` batch; the
+            choice is kept in ``acc.plan``.
         sync_each_micro_batch: under DDP or FSDP2, synchronise gradients on every
             micro-batch instead of once per window. Default False.
         total_micro_batches: how many micro-batches each ``with`` block runs (e.g.
@@ -154,7 +160,7 @@ class Accumulator:
         partial_window: PartialWindow = "apply",
         on_nonfinite: OnNonFinite = "skip",
         accumulation_dtype: torch.dtype | None = torch.float32,
-        checkpointing: CheckpointPolicy | None = False,
+        checkpointing: CheckpointPolicy | Literal["auto"] | None = False,
         sync_each_micro_batch: bool = False,
         total_micro_batches: int | None = None,
         micro_batch_size: int | Literal["auto"] | None = None,
@@ -176,16 +182,19 @@ class Accumulator:
         self.total_micro_batches = check_optional_count("total_micro_batches", total_micro_batches)
         self.progress = check_progress(progress)
         self.memory_budget = check_optional_positive_int("memory_budget", memory_budget)
+        self._autofit = check_autofit(checkpointing, micro_batch_size, memory_budget, model)
         self._runner = _micro_batch_runner(
             check_micro_batch_size(micro_batch_size),
             check_optional_positive_int("max_micro_batch_size", max_micro_batch_size),
             self.memory_budget,
             check_optional_positive_int("probe_up_after", probe_up_after),
         )
+        #: The [`Plan`][torch_accum.Plan] that ``checkpointing="auto"`` chose, once planned.
+        self.plan: Plan | None = None
         self._checkpointing = (
             None
-            if checkpointing is None or checkpointing is False
-            else ActivationCheckpointing(self.model, checkpointing)
+            if self._autofit or checkpointing is None or checkpointing is False
+            else ActivationCheckpointing(self.model, cast(CheckpointPolicy, checkpointing))
         )
         self._run = RunState(check_accumulation_steps(accumulation_steps))
         self._precision = GradientPrecision(check_accumulation_dtype(accumulation_dtype))
@@ -521,6 +530,13 @@ class Accumulator:
             )
         if self._sync is not None and not self._sync.is_ddp:
             raise RuntimeError("step_batch() supports DDP but not FSDP2 yet; use acc.backward()")
+        if self._autofit and self.plan is None:
+            self.plan = plan_first_batch(
+                self._driver, self._runner.sizes, batch, compute_loss, self.memory_budget
+            )
+            if self.plan.checkpointing is not False:
+                self._checkpointing = ActivationCheckpointing(self.model, self.plan.checkpointing)
+                self._checkpointing.install()
         return self._runner.step_batch(self._driver, batch, compute_loss, weight)
 
     # ------------------------------------------------------------------ resumable state

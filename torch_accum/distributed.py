@@ -57,6 +57,7 @@ class Step(enum.IntEnum):
     NONFINITE = 7  # tell whether its gradients hold inf/NaN (FSDP2: each rank has a shard)
     STEP_BATCH = 8  # start acc.step_batch() (the value: the micro-batch size it can afford)
     STEP_BATCH_FAILED = 9  # tell whether its attempt ran out of memory
+    PLAN = 10  # checkpointing="auto": share a planning measurement (the value)
 
 
 _DOING = {
@@ -69,6 +70,7 @@ _DOING = {
     Step.NONFINITE: "checked its gradients at the boundary",
     Step.STEP_BATCH: "started acc.step_batch()",
     Step.STEP_BATCH_FAILED: "finished acc.step_batch()",
+    Step.PLAN: "planned acc.step_batch() (checkpointing='auto')",
 }
 
 _FIX = (
