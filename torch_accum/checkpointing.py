@@ -197,6 +197,9 @@ class ActivationCheckpointing:
         self.names = tuple(name for name, _ in self.blocks)
         self._caches = CacheSwitch(model)
         self._previous: list[tuple[nn.Module, object]] = []
+        # One forward object per block, installed again by every `with` block: a compiled
+        # model guards on the objects it traced, and new ones would recompile it per block.
+        self._forwards: dict[int, CheckpointedForward] = {}
         self.logged_cache_drop = False
 
     def install(self) -> None:
@@ -205,7 +208,12 @@ class ActivationCheckpointing:
         for name, block in self.blocks:
             previous = vars(block).get("forward", _ABSENT)
             self._previous.append((block, previous))
-            vars(block)["forward"] = CheckpointedForward(block, name, self, previous)
+            forward = self._forwards.get(id(block))
+            if forward is None or forward.shadowed is not previous:
+                forward = self._forwards[id(block)] = CheckpointedForward(
+                    block, name, self, previous
+                )
+            vars(block)["forward"] = forward
         logger.debug(
             "checkpointing %d blocks (%s): %s",
             len(self.names),
@@ -228,11 +236,16 @@ class ActivationCheckpointing:
     def context_fn(self) -> Any:
         """``checkpoint(context_fn=...)`` for the mode: what to save instead of recompute."""
         if self.settings.mode == "selective":
-            return create_selective_checkpoint_contexts(_expensive_ops())  # type: ignore[no-untyped-call]
+            return _selective_contexts()
         return contextlib.nullcontext(), contextlib.nullcontext()
 
 
 _ABSENT = object()
+
+
+def _selective_contexts() -> Any:
+    """The contexts of selective mode; a plain function, as compiled checkpointing needs."""
+    return create_selective_checkpoint_contexts(_expensive_ops())  # type: ignore[no-untyped-call]
 
 
 @functools.cache
@@ -296,6 +309,7 @@ class CheckpointedForward:
         self.block = block
         self.name = name
         self.owner = owner
+        self.shadowed = previous
         self.previous = None if previous is _ABSENT else previous
         self.forward: Callable[..., Any] = getattr(block, "forward")  # noqa: B009
         self.running_stats = [
@@ -318,6 +332,8 @@ class CheckpointedForward:
         cleaned = without_caches(self.name, kwargs, log=not owner.logged_cache_drop)
         if cleaned is not kwargs:
             owner.logged_cache_drop = True
+        if torch.compiler.is_compiling():
+            return self._traced(args, cleaned)
         # Recomputation in backward must see the arguments as they were now, even if the
         # caller appends to a list it passed (DenseNet): copy the containers, not tensors.
         saved_args, saved_kwargs = _snapshot(args), _snapshot(cleaned)
@@ -334,6 +350,25 @@ class CheckpointedForward:
                 return forward(*saved_args, **saved_kwargs)
 
         return checkpoint(run, *args, use_reentrant=False, context_fn=owner.context_fn)
+
+    def _traced(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call as dynamo traces it: the same ``checkpoint`` a hand-written loop makes.
+
+        Dynamo turns ``checkpoint`` into a higher-order op whose body must not touch state
+        outside it, so the eager path's call counter cannot be traced. Nor is it needed:
+        the compiled graph recomputes only what backward needs (no second running-statistics
+        update), replays random ops itself and reads the inputs as they were when traced,
+        exactly as it does for ``checkpoint(block, x, use_reentrant=False)`` written by hand.
+        """
+        if self.owner.settings.mode == "selective":
+            return checkpoint(
+                self.forward,
+                *args,
+                use_reentrant=False,
+                context_fn=_selective_contexts,
+                **kwargs,
+            )
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextlib.contextmanager
