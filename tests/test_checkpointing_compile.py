@@ -194,6 +194,21 @@ def train(
         else contextlib.nullcontext()
     )
     batches = make_batches(kind, K * steps, ragged=ragged)
+
+    def backward(loss: torch.Tensor) -> None:
+        if acc is not None:
+            acc.backward(loss)
+        else:
+            (loss / K).backward()
+
+    def train_step(batch: Batch) -> None:
+        loss = loss_of(net, batch)
+        if acc is not None:
+            acc.backward(loss)
+        else:
+            (loss / K).backward()
+
+    step = torch.compile(train_step, backend=counter)
     for _ in range(blocks):
         with acc if acc is not None else contextlib.nullcontext():
             if layout == "inside":
@@ -201,15 +216,15 @@ def train(
             for index, batch in enumerate(batches):
                 sync = not (layout == "ddp" and by_hand and index % K != K - 1)
                 with autocast, contextlib.nullcontext() if sync else net.no_sync():
-                    loss = loss_of(run, batch)
+                    if layout == "step":
+                        step(batch)  # forward and backward, compiled together
+                    else:
+                        backward(loss_of(run, batch))
                 if acc is not None:
-                    acc.backward(loss)
                     optimizer.step()
-                else:
-                    (loss / K).backward()
-                    if index % K == K - 1:
-                        optimizer.step()
-                        optimizer.zero_grad()
+                elif index % K == K - 1:
+                    optimizer.step()
+                    optimizer.zero_grad()
         if blocks > 1:  # an evaluation pass between epochs
             model.eval()
             with torch.no_grad():
@@ -325,6 +340,17 @@ def test_every_layout_compiles_as_the_hand_loop(options):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     else:
         assert_same_parameters(got, expected)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["off", "full"])
+def test_a_compiled_step_calling_acc_backward_breaks_once_as_one_calling_loss_backward(policy):
+    # Two windows: the library's counters change at every micro-batch, and must not be
+    # guarded on (a recompile per micro-batch) nor traced (a graph break per attribute).
+    expected, expected_counts = train("gpt", policy, by_hand=True, layout="step")
+    got, counts = train("gpt", policy, by_hand=False, layout="step")
+    assert expected_counts == (1, 1, 0)
+    assert counts == expected_counts
+    assert_same_parameters(got, expected)
 
 
 @contextlib.contextmanager

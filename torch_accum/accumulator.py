@@ -43,6 +43,11 @@ from torch_accum.progress import ProgressBar, check_progress
 PartialWindow = Literal["apply", "discard", "carry"]
 OnNonFinite = Literal["skip", "raise"]
 Item = TypeVar("Item")
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+# Leaves the function out of torch.compile: dynamo runs it as it runs a loss.backward() it
+# meets in a compiled function (eagerly, after one graph break). About 3 µs a call.
+_run_eagerly: Callable[[_Function], _Function] = torch.compiler.disable
 
 
 class Accumulator:
@@ -322,6 +327,10 @@ class Accumulator:
                     self._checkpointing.restore()
 
     # ------------------------------------------------------------------ the loop's calls
+    # Run eagerly when a compiled function calls acc.backward(loss): one graph break, as
+    # for loss.backward() (which dynamo cannot trace either), instead of guards on the
+    # window's counters that would recompile the caller at every micro-batch.
+    @_run_eagerly
     def backward(
         self, loss: torch.Tensor, weight: float | int | torch.Tensor | None = None
     ) -> None:
