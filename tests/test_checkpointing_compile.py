@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -386,3 +388,19 @@ def test_blocks_of_a_compiled_model_are_found_under_its_original_module():
     compiled = torch.compile(model, backend="aot_eager")
     acc = Accumulator(compiled, torch.optim.SGD(model.parameters(), lr=0.1), K, checkpointing=True)
     assert acc.checkpointed_modules == ("_orig_mod.blocks.0", "_orig_mod.blocks.1")
+
+
+def test_importing_torch_accum_leaves_dynamo_unloaded():
+    # Importing dynamo takes about as long as importing torch: acc.backward is left out
+    # of compiled graphs only once something else has loaded it.
+    code = "import sys, torch_accum; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_acc_backward_is_left_to_eager_once_dynamo_is_loaded():
+    model = make_model("gpt")
+    Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), K)
+    assert getattr(Accumulator.backward, "_torchdynamo_disable", False)
+    assert Accumulator.backward.__doc__.startswith("Accumulate the gradient")

@@ -8,6 +8,7 @@ synchronisation (``distributed.py``) and whole-batch micro-batching (``microbatc
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -43,11 +44,6 @@ from torch_accum.progress import ProgressBar, check_progress
 PartialWindow = Literal["apply", "discard", "carry"]
 OnNonFinite = Literal["skip", "raise"]
 Item = TypeVar("Item")
-_Function = TypeVar("_Function", bound=Callable[..., Any])
-
-# Leaves the function out of torch.compile: dynamo runs it as it runs a loss.backward() it
-# meets in a compiled function (eagerly, after one graph break). About 3 µs a call.
-_run_eagerly: Callable[[_Function], _Function] = torch.compiler.disable
 
 
 class Accumulator:
@@ -200,6 +196,7 @@ class Accumulator:
             sync_each_micro_batch=self.sync_each_micro_batch,
         )
         self._active = False
+        _keep_backward_out_of_compile()
 
     # ------------------------------------------------------------------ observability
     @property
@@ -271,6 +268,7 @@ class Accumulator:
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Accumulator:
+        _keep_backward_out_of_compile()
         if self._active:
             raise RuntimeError(
                 "this Accumulator is already active; leave its `with` block before "
@@ -330,7 +328,6 @@ class Accumulator:
     # Run eagerly when a compiled function calls acc.backward(loss): one graph break, as
     # for loss.backward() (which dynamo cannot trace either), instead of guards on the
     # window's counters that would recompile the caller at every micro-batch.
-    @_run_eagerly
     def backward(
         self, loss: torch.Tensor, weight: float | int | torch.Tensor | None = None
     ) -> None:
@@ -531,3 +528,31 @@ def _micro_batch_runner(
     if size is None:
         return None
     return MicroBatchRunner(MicroBatchSize(size, max_size, probe_up_after), memory_budget)
+
+
+def _keep_backward_out_of_compile() -> None:
+    """Once torch.compile is loaded, leave ``Accumulator.backward`` out of compiled graphs.
+
+    A compiled function that calls ``acc.backward(loss)`` then breaks its graph there once
+    and runs it eagerly, as dynamo does for ``loss.backward()``; traced, the window's
+    counters would break the graph many times and recompile it as they change. Done when
+    an Accumulator is made or entered, not at import: importing dynamo takes about as long
+    as importing torch. (A function first compiled inside a ``with`` block, when nothing
+    loaded dynamo before, gets this from the next ``with`` block or Accumulator on.)
+    """
+    if "torch._dynamo" not in sys.modules or _backward_left_to_eager:
+        return
+    _leave_backward_to_eager()
+
+
+def _leave_backward_to_eager() -> None:
+    global _backward_left_to_eager
+    # torch.compiler.disable wraps with functools.wraps: the docstring and signature stay.
+    Accumulator.backward = torch.compiler.disable(  # type: ignore[method-assign,no-untyped-call]
+        Accumulator.backward
+    )
+    _backward_left_to_eager = True
+
+
+_backward_left_to_eager = False
+_keep_backward_out_of_compile()
