@@ -227,6 +227,7 @@ class Run:
     step: Callable[[list[Batch]], None]  # one window of micro-batches
     counter: Counting
     acc: Accumulator | None = None
+    call: Any = None  # what the loop calls: the compiled model, or the model itself
 
     def open(self) -> None:
         if self.acc is not None:
@@ -296,7 +297,7 @@ def hand_run(cell: Cell, size: Size, backend: str) -> Run:
         optimizer.step()
         optimizer.zero_grad()
 
-    return Run(model, window, counter)
+    return Run(model, window, counter, call=run)
 
 
 def library_run(cell: Cell, size: Size, backend: str) -> Run:
@@ -339,16 +340,16 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
             optimizer.step()
             optimizer.zero_grad()
 
-    run_ = Run(model, window, counter, acc)
+    run_ = Run(model, window, counter, acc, call=run)
     run_.open()
     return run_
 
 
-def evaluate(model: nn.Module, batch: Batch) -> None:
-    model.eval()
+def evaluate(run: Run, batch: Batch) -> None:
+    run.model.eval()
     with torch.no_grad():
-        loss_of(model, batch)
-    model.train()
+        loss_of(run.call, batch)
+    run.model.train()
 
 
 @dataclass
@@ -374,7 +375,7 @@ def measure(cell: Cell, size: Size, backend: str, steps: int, reps: int) -> Row:
                 run.step(batches[start : start + cell.k])
             if cell.blocks > 1:
                 run.close()
-                evaluate(run.model, batches[0])
+                evaluate(run, batches[0])
                 if block < cell.blocks - 1:
                     run.open()
         counts.append((graph_breaks(), run.counter.graphs, run.counter.recompiles))
