@@ -310,6 +310,64 @@ def test_dropout_in_compiled_checkpointed_blocks_matches_the_hand_loop():
     assert_same_parameters(got, expected)
 
 
+class DenseLayer(nn.Module):
+    """Takes the list of all earlier features, as torchvision's DenseNet layers do."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, 4)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tanh(self.linear(torch.cat(features, dim=1)))
+
+
+class Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([DenseLayer(4), DenseLayer(8), DenseLayer(12)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for block in self.blocks:
+            features.append(block(features))  # the list passed in grows after the call
+        return self.head(torch.cat(features, dim=1))
+
+
+def test_a_list_argument_mutated_after_the_call_compiles_as_the_hand_loop():
+    def run(by_hand: bool) -> tuple[nn.Module, tuple[int, int, int]]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = Dense()
+        counter = Counting()
+        if by_hand:
+            wrap_by_hand(model, True)
+        compiled = torch.compile(model, backend=counter)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = None if by_hand else Accumulator(model, optimizer, K, checkpointing=True)
+        generator = torch.Generator().manual_seed(1)
+        with acc if acc is not None else contextlib.nullcontext():
+            for index in range(2 * K):
+                x = torch.randn(2, 4, generator=generator)
+                loss = nn.functional.cross_entropy(compiled(x), torch.tensor([0, 2]))
+                if acc is not None:
+                    acc.backward(loss)
+                    optimizer.step()
+                else:
+                    (loss / K).backward()
+                    if index % K == K - 1:
+                        optimizer.step()
+                        optimizer.zero_grad()
+        return model, (graph_breaks(), counter.graphs, counter.recompiles)
+
+    expected, expected_counts = run(by_hand=True)
+    got, counts = run(by_hand=False)
+    assert counts == expected_counts
+    assert expected_counts[0] == 0
+    assert_same_parameters(got, expected)
+
+
 @pytest.mark.parametrize("kind", ["gpt", "cnn"])
 def test_with_blocks_reuse_the_compiled_graphs(kind):
     # Three epochs with an evaluation pass between them: the hand loop compiles one graph
