@@ -66,6 +66,16 @@ def test_memory_benchmark_smoke():
     assert all(0 < float(row[7]) < 1 for row in rows)
 
 
+def test_compile_benchmark_smoke():
+    result = run("benchmarks/compile.py", "--smoke", timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| gpt ")]
+    assert len(rows) == 1
+    # hand-written and torch_accum: no graph break, one graph, no recompilation.
+    cells = [cell.strip() for cell in rows[0].split("|")]
+    assert cells[4:6] == ["0 · 1 · 0", "0 · 1 · 0"], rows[0]
+
+
 def test_ddp_example_under_torchrun_with_two_ranks():
     result = run(
         "-m",

@@ -209,3 +209,13 @@ def selective_contexts(block: str) -> tuple[Any, Any]:
     if _tracing():
         return cache, cached
     return watch(cache, block), cached
+
+
+def traced_selective_contexts() -> tuple[Any, Any]:
+    """The selective pair for ``checkpoint`` under ``torch.compile``.
+
+    A plain function without arguments, the only ``context_fn`` compiled checkpointing
+    takes; the traced graph is functional, so there is no in-place write to watch.
+    """
+    contexts: tuple[Any, Any] = create_selective_checkpoint_contexts(list(saved_ops()))  # type: ignore[no-untyped-call]
+    return contexts

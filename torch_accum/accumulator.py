@@ -9,6 +9,7 @@ synchronisation (``distributed.py``) and whole-batch micro-batching (``microbatc
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
@@ -228,6 +229,7 @@ class Accumulator:
             precision=self._precision,
         )
         self._active = False
+        _keep_backward_out_of_compile()
 
     def _precision_refusal(self) -> str | None:
         """Why ``accumulation_dtype`` cannot apply to this model here (None: it can)."""
@@ -322,6 +324,7 @@ class Accumulator:
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Accumulator:
+        _keep_backward_out_of_compile()
         if self._active:
             raise RuntimeError(
                 "this Accumulator is already active; leave its `with` block before "
@@ -384,6 +387,9 @@ class Accumulator:
                     self._checkpointing.restore()
 
     # ------------------------------------------------------------------ the loop's calls
+    # Run eagerly when a compiled function calls acc.backward(loss): one graph break, as
+    # for loss.backward() (which dynamo cannot trace either), instead of guards on the
+    # window's counters that would recompile the caller at every micro-batch.
     def backward(
         self, loss: torch.Tensor, weight: float | int | torch.Tensor | None = None
     ) -> None:
@@ -639,3 +645,31 @@ def _micro_batch_runner(
     if size is None:
         return None
     return MicroBatchRunner(MicroBatchSize(size, max_size, probe_up_after), memory_budget)
+
+
+def _keep_backward_out_of_compile() -> None:
+    """Once torch.compile is loaded, leave ``Accumulator.backward`` out of compiled graphs.
+
+    A compiled function that calls ``acc.backward(loss)`` then breaks its graph there once
+    and runs it eagerly, as dynamo does for ``loss.backward()``; traced, the window's
+    counters would break the graph many times and recompile it as they change. Done when
+    an Accumulator is made or entered, not at import: importing dynamo takes about as long
+    as importing torch. (A function first compiled inside a ``with`` block, when nothing
+    loaded dynamo before, gets this from the next ``with`` block or Accumulator on.)
+    """
+    if "torch._dynamo" not in sys.modules or _backward_left_to_eager:
+        return
+    _leave_backward_to_eager()
+
+
+def _leave_backward_to_eager() -> None:
+    global _backward_left_to_eager
+    # torch.compiler.disable wraps with functools.wraps: the docstring and signature stay.
+    Accumulator.backward = torch.compiler.disable(  # type: ignore[method-assign,no-untyped-call]
+        Accumulator.backward
+    )
+    _backward_left_to_eager = True
+
+
+_backward_left_to_eager = False
+_keep_backward_out_of_compile()

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torch_accum._block_choice import candidate_classes, choose_blocks
 from torch_accum._caches import CacheSwitch, without_caches
-from torch_accum._selective import selective_contexts
+from torch_accum._selective import selective_contexts, traced_selective_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,9 @@ class ActivationCheckpointing:
         self.names = tuple(name for name, _ in self.blocks)
         self._caches = CacheSwitch(model)
         self._previous: list[tuple[nn.Module, object]] = []
+        # One forward object per block, installed again by every `with` block: a compiled
+        # model guards on the objects it traced, and new ones would recompile it per block.
+        self._forwards: dict[int, CheckpointedForward] = {}
         self.logged_cache_drop = False
 
     def install(self) -> None:
@@ -212,7 +215,12 @@ class ActivationCheckpointing:
         for name, block in self.blocks:
             previous = vars(block).get("forward", _ABSENT)
             self._previous.append((block, previous))
-            vars(block)["forward"] = CheckpointedForward(block, name, self, previous)
+            forward = self._forwards.get(id(block))
+            if forward is None or forward.shadowed is not previous:
+                forward = self._forwards[id(block)] = CheckpointedForward(
+                    block, name, self, previous
+                )
+            vars(block)["forward"] = forward
         logger.debug(
             "checkpointing %d blocks (%s): %s",
             len(self.names),
@@ -284,6 +292,7 @@ class CheckpointedForward:
         self.block = block
         self.name = name
         self.owner = owner
+        self.shadowed = previous
         self.previous = None if previous is _ABSENT else previous
         self.forward: Callable[..., Any] = getattr(block, "forward")  # noqa: B009
         self.running_stats = [
@@ -306,6 +315,8 @@ class CheckpointedForward:
         cleaned = without_caches(self.name, kwargs, log=not owner.logged_cache_drop)
         if cleaned is not kwargs:
             owner.logged_cache_drop = True
+        if torch.compiler.is_compiling():
+            return self._traced(args, cleaned)
         # Recomputation in backward must see the arguments as they were now, even if the
         # caller appends to a list it passed (DenseNet): copy the containers, not tensors.
         saved_args, saved_kwargs = _snapshot(args), _snapshot(cleaned)
@@ -326,6 +337,25 @@ class CheckpointedForward:
     def context_fn(self) -> Any:
         """``checkpoint(context_fn=...)`` for this block (a bound method, as Dynamo takes)."""
         return self.owner.context_fn(self.name)
+
+    def _traced(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call as dynamo traces it: the same ``checkpoint`` a hand-written loop makes.
+
+        Dynamo turns ``checkpoint`` into a higher-order op whose body must not touch state
+        outside it, so the eager path's call counter cannot be traced. Nor is it needed:
+        the compiled graph recomputes only what backward needs (no second running-statistics
+        update), replays random ops itself and reads the inputs as they were when traced,
+        exactly as it does for ``checkpoint(block, x, use_reentrant=False)`` written by hand.
+        """
+        if self.owner.settings.mode == "selective":
+            return checkpoint(
+                self.forward,
+                *args,
+                use_reentrant=False,
+                context_fn=traced_selective_contexts,
+                **kwargs,
+            )
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextlib.contextmanager

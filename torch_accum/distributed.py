@@ -94,8 +94,14 @@ class LoopProgress(Protocol):
 class GradientSync:
     """Synchronisation control for a DDP- or FSDP2-wrapped model in one ``with`` block."""
 
-    def __init__(self, model: nn.Module, sync_each_micro_batch: bool) -> None:
+    def __init__(
+        self, model: nn.Module, sync_each_micro_batch: bool, caller: nn.Module | None = None
+    ) -> None:
         self.model = model
+        # The module the loop calls: a torch.compile wrapper of ``model`` runs its own
+        # hooks eagerly, outside the compiled frame that dynamo would otherwise trace the
+        # hook's counters and collectives into.
+        self._caller = model if caller is None else caller
         self.sync_each_micro_batch = sync_each_micro_batch
         self.is_ddp = isinstance(model, DistributedDataParallel)
         group = getattr(model, "process_group", None) if self.is_ddp else None
@@ -126,6 +132,13 @@ class GradientSync:
         """A GradientSync when ``model`` is wrapped by DDP or FSDP2, else None."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(DDP(model))
+        if isinstance(model, OptimizedModule) and isinstance(
+            inner, (DistributedDataParallel, FSDPModule)
+        ):
+            return GradientSync(cast(nn.Module, inner), sync_each_micro_batch, caller=model)
         if isinstance(model, (DistributedDataParallel, FSDPModule)):
             return GradientSync(model, sync_each_micro_batch)
         return None
@@ -151,7 +164,7 @@ class GradientSync:
             if not torch.is_grad_enabled():
                 return
             explicit = loop.synchronises_explicitly()
-            if module.training and not explicit:
+            if self.model.training and not explicit:
                 self._forwards += 1
                 if not self._counts_agreed:
                     self.agree(Step.FORWARD)
@@ -160,9 +173,9 @@ class GradientSync:
                     loop.next_is_last() or self.sync_each_micro_batch
                 ) and not self.reduces_itself
                 self._forward_flags.append(flag)
-                cast(DistributedDataParallel, module).require_backward_grad_sync = flag
+                cast(DistributedDataParallel, self.model).require_backward_grad_sync = flag
 
-        self._hook = self.model.register_forward_pre_hook(before_forward, prepend=True)
+        self._hook = self._caller.register_forward_pre_hook(before_forward, prepend=True)
 
     def exit(self) -> None:
         """Restore the flags and remove the hook (runs in ``finally``)."""

@@ -1,0 +1,459 @@
+"""torch.compile with checkpointing: torch_accum against the same loop written by hand.
+
+    python benchmarks/compile.py                       # the figures in benchmarks/RESULTS.md
+    python benchmarks/compile.py --backend aot_eager   # counts and parameters, minutes
+    python benchmarks/compile.py --smoke               # seconds; CI runs this to keep it working
+
+Each row of the table is one way a user combines ``torch.compile`` with gradient
+accumulation and checkpointing, run twice in one process from the same initialisation and
+data: once as the loop written by hand (``(loss / K).backward()``, ``optimizer.step()`` and
+``zero_grad()`` every K micro-batches, each checkpointed block wrapped in a module that calls
+``torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)``) and once
+with ``Accumulator(..., checkpointing=...)``, both compiled the same way. Counted for each:
+graph breaks (``torch._dynamo.utils.counters``), graphs handed to the backend and
+recompilations (compilations of a frame after its first); then the largest parameter
+difference after the same steps, and the time per micro-batch against the hand loop: the
+median over repetitions of the ratio of one window each, the two run alternately so that
+drift and background load hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch.distributed as dist
+from torch import nn
+from torch._dynamo.utils import counters
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+from gpt import GPT, GPTConfig
+
+import torch_accum
+from torch_accum import Accumulator, Checkpointing
+from torch_accum._selective import traced_selective_contexts
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- models
+class ConvBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(x + self.norm2(self.conv2(h)))
+
+
+class CNN(nn.Module):
+    """A small ResNet-like CNN with BatchNorm: a stem layer, repeated blocks, a head."""
+
+    def __init__(self, channels: int = 16, depth: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*(ConvBlock(channels) for _ in range(depth)))
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class Size:
+    gpt_width: int = 128
+    gpt_layers: int = 4
+    gpt_tokens: int = 64
+    cnn_channels: int = 16
+    cnn_image: int = 16
+    batch: int = 4
+
+
+def make_model(kind: str, size: Size) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt":
+        config = GPTConfig(
+            width=size.gpt_width, layers=size.gpt_layers, context=size.gpt_tokens, heads=4
+        )
+        return GPT(config)
+    return CNN(size.cnn_channels)
+
+
+def make_batches(kind: str, size: Size, count: int, ragged: bool = False) -> list[Batch]:
+    generator = torch.Generator().manual_seed(1)
+    batches: list[Batch] = []
+    for index in range(count):
+        rows = size.batch // 2 if ragged and index == count - 1 else size.batch
+        if kind == "gpt":
+            tokens = torch.randint(0, 256, (rows, size.gpt_tokens + 1), generator=generator)
+            batches.append((tokens[:, :-1], tokens[:, 1:]))
+        else:
+            image = torch.randn(rows, 3, size.cnn_image, size.cnn_image, generator=generator)
+            batches.append((image, torch.randint(0, 10, (rows,), generator=generator)))
+    return batches
+
+
+def loss_of(model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> torch.Tensor:
+    x, y = batch
+    out = model(x)
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- hand wrapping
+# The library's selective policy, passed as a user passes one: a plain function.
+SELECTIVE = traced_selective_contexts
+
+
+class HandCheckpointed(nn.Module):
+    """What users write by hand: the block run under non-reentrant checkpointing."""
+
+    def __init__(self, block: nn.Module, selective: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.selective = selective
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and torch.is_grad_enabled()):
+            return self.block(*args, **kwargs)
+        if self.selective:
+            return checkpoint(
+                self.block, *args, use_reentrant=False, context_fn=SELECTIVE, **kwargs
+            )
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def wrap_by_hand(model: nn.Module, policy: object) -> list[nn.Module]:
+    """Wrap the blocks ``policy`` selects, as the hand loop does; the wrappers."""
+    settings = torch_accum.checkpointing.as_checkpointing(policy)
+    blocks = model.blocks  # type: ignore[union-attr]
+    chosen = range(0, len(blocks), settings.every)
+    for index in chosen:
+        blocks[index] = HandCheckpointed(blocks[index], settings.mode == "selective")
+    return [blocks[index] for index in chosen]
+
+
+# ----------------------------------------------------------------------------- counting
+class Counting:
+    """A backend that counts the graphs it gets and the recompilations among them."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.graphs = 0
+        self.compiles: set[tuple[Any, ...]] = set()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        from torch._dynamo.backends.registry import lookup_backend
+        from torch._guards import CompileContext
+
+        self.graphs += 1
+        compile_id = CompileContext.current_compile_id()
+        if compile_id is not None:
+            self.compiles.add((compile_id.frame_id, compile_id.frame_compile_id))
+        return lookup_backend(self.backend)(gm, example_inputs)
+
+    @property
+    def recompiles(self) -> int:
+        return sum(1 for _, frame_compile_id in self.compiles if frame_compile_id)
+
+
+def graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+# ----------------------------------------------------------------------------- the cells
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    model: str
+    k: int
+    policy: object = False
+    layout: str = "compile"
+    blocks: int = 1  # `with` blocks (epochs), an evaluation pass between them
+
+
+def cells(size: Size) -> list[Cell]:
+    gpt_policies: list[tuple[str, object]] = [
+        ("full", True),
+        ("selective", "selective"),
+        ("every=2", Checkpointing(every=2)),
+        ("class", type(make_model("gpt", size).blocks[0])),  # type: ignore[index]
+    ]
+    found: list[Cell] = [Cell("off", "gpt", k) for k in (1, 4)]
+    for k in (1, 4):
+        found += [Cell(name, "gpt", k, policy) for name, policy in gpt_policies]
+    found += [
+        Cell("callable", "gpt", 4, "callable"),
+        Cell("off", "cnn", 4),
+        Cell("full", "cnn", 4, True),
+        Cell("selective", "cnn", 4, "selective"),
+        Cell("every=2", "cnn", 4, Checkpointing(every=2)),
+        Cell("full, 3 with blocks + eval", "gpt", 4, True, blocks=3),
+        Cell("full, 3 with blocks + eval", "cnn", 4, True, blocks=3),
+        Cell("full, compiled inside the block", "gpt", 4, True, "inside"),
+        Cell("full, model.compile()", "gpt", 4, True, "method"),
+        Cell("full, block.compile() per block", "gpt", 4, True, "per-block"),
+        Cell("full, bf16 autocast", "gpt", 4, True, "autocast"),
+        Cell("full, ragged last, dynamic=False", "gpt", 4, True, "ragged"),
+        Cell("full, compile(DDP(model)), 1 rank", "gpt", 4, True, "ddp"),
+        Cell("off, compiled train_step", "gpt", 4, False, "step"),
+        Cell("full, compiled train_step", "gpt", 4, True, "step"),
+    ]
+    return found
+
+
+@dataclass
+class Run:
+    model: nn.Module
+    step: Callable[[list[Batch]], None]  # one window of micro-batches
+    counter: Counting
+    acc: Accumulator | None = None
+    call: Any = None  # what the loop calls: the compiled model, or the model itself
+
+    def open(self) -> None:
+        if self.acc is not None:
+            self.acc.__enter__()
+
+    def close(self) -> None:
+        if self.acc is not None:
+            self.acc.__exit__(None, None, None)
+
+
+def _autocast(cell: Cell) -> contextlib.AbstractContextManager[Any]:
+    if cell.layout == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _compile(cell: Cell, module: nn.Module, counter: Counting) -> Any:
+    return torch.compile(
+        module, backend=counter, dynamic=False if cell.layout == "ragged" else None
+    )
+
+
+def _resolve(policy: object, model: nn.Module) -> object:
+    if policy == "callable":
+        blocks = list(model.blocks)  # type: ignore[arg-type]
+        return lambda module: any(module is block for block in blocks)
+    return policy
+
+
+def hand_run(cell: Cell, size: Size, backend: str) -> Run:
+    model = make_model(cell.model, size)
+    counter = Counting(backend)
+    wrappers = wrap_by_hand(model, _resolve(cell.policy, model)) if cell.policy else []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    k = cell.k
+    net: Any = model
+    if cell.layout == "ddp":
+        net = DistributedDataParallel(model)
+    if cell.layout == "method":
+        model.compile(backend=counter)
+        run: Any = model
+    elif cell.layout == "per-block":
+        for block in wrappers if wrappers else model.blocks:  # type: ignore[union-attr]
+            block.compile(backend=counter, fullgraph=True)
+        run = model
+    elif cell.layout == "step":
+        run = net
+    else:
+        run = _compile(cell, net, counter)
+
+    def micro(batch: Batch) -> None:
+        with _autocast(cell):
+            loss = loss_of(run, batch) / k
+        loss.backward()
+
+    if cell.layout == "step":
+        micro = torch.compile(micro, backend=counter)
+
+    def window(batches: list[Batch]) -> None:
+        for index, batch in enumerate(batches):
+            sync = index == len(batches) - 1
+            context = (
+                net.no_sync() if cell.layout == "ddp" and not sync else contextlib.nullcontext()
+            )
+            with context:
+                micro(batch)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return Run(model, window, counter, call=run)
+
+
+def library_run(cell: Cell, size: Size, backend: str) -> Run:
+    model = make_model(cell.model, size)
+    counter = Counting(backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    policy = _resolve(cell.policy, model)
+    net: Any = model
+    if cell.layout == "ddp":
+        net = DistributedDataParallel(model)
+    if cell.layout == "method":
+        model.compile(backend=counter)
+        run: Any = model
+    elif cell.layout in ("per-block", "step", "inside"):
+        run = net
+    else:
+        run = _compile(cell, net, counter)
+    # Under DDP the Accumulator gets the module the loop calls: the compiled one.
+    acc = Accumulator(run, optimizer, cell.k, checkpointing=policy)
+    if cell.layout == "per-block":
+        for block in model.blocks:  # type: ignore[union-attr]
+            block.compile(backend=counter, fullgraph=True)
+    state = {"inside": cell.layout == "inside"}
+
+    def micro(batch: Batch) -> None:
+        with _autocast(cell):
+            loss = loss_of(run, batch)
+        acc.backward(loss)
+
+    if cell.layout == "step":
+        micro = torch.compile(micro, backend=counter)
+
+    def window(batches: list[Batch]) -> None:
+        nonlocal run
+        if state["inside"]:
+            run = _compile(cell, net, counter)
+            state["inside"] = False
+        for batch in batches:
+            micro(batch)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    run_ = Run(model, window, counter, acc, call=run)
+    run_.open()
+    return run_
+
+
+def evaluate(run: Run, batch: Batch) -> None:
+    run.model.eval()
+    with torch.no_grad():
+        loss_of(run.call, batch)
+    run.model.train()
+
+
+@dataclass
+class Row:
+    cell: Cell
+    hand: tuple[int, int, int]
+    library: tuple[int, int, int]
+    difference: float
+    ratio: float
+
+
+def measure(cell: Cell, size: Size, backend: str, steps: int, reps: int) -> Row:
+    counts = []
+    runs: list[Run] = []
+    ragged = cell.layout == "ragged"
+    for make in (hand_run, library_run):
+        torch._dynamo.reset()
+        counters.clear()
+        run = make(cell, size, backend)
+        batches = make_batches(cell.model, size, cell.k * steps, ragged=ragged)
+        for block in range(cell.blocks):
+            for start in range(0, len(batches), cell.k):
+                run.step(batches[start : start + cell.k])
+            if cell.blocks > 1:
+                run.close()
+                evaluate(run, batches[0])
+                if block < cell.blocks - 1:
+                    run.open()
+        counts.append((graph_breaks(), run.counter.graphs, run.counter.recompiles))
+        runs.append(run)
+    difference = max(
+        (a.float() - b.float()).abs().max().item()
+        for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True)
+    )
+    ratios = []
+    timing = make_batches(cell.model, size, cell.k, ragged=ragged)
+    if cell.blocks > 1:
+        runs[1].open()
+    for rep in range(reps):
+        times = [0.0, 0.0]
+        for index in (0, 1) if rep % 2 == 0 else (1, 0):  # either goes first as often
+            start = time.perf_counter()
+            runs[index].step(timing)
+            times[index] = time.perf_counter() - start
+        ratios.append(times[1] / times[0])
+    runs[1].close()
+    return Row(cell, counts[0], counts[1], difference, statistics.median(ratios) if reps else 0.0)
+
+
+# ----------------------------------------------------------------------------- DDP
+@contextlib.contextmanager
+def one_rank_group() -> Iterator[None]:
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=0, world_size=1
+        )
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps compared")
+    parser.add_argument("--reps", type=int, default=20, help="timed windows per loop")
+    parser.add_argument("--only", default="", help="run the rows whose label contains this")
+    parser.add_argument("--width", type=int, default=128, help="GPT width")
+    parser.add_argument("--layers", type=int, default=4, help="GPT blocks")
+    parser.add_argument("--tokens", type=int, default=64, help="GPT tokens per sequence")
+    parser.add_argument("--smoke", action="store_true", help="a tiny GPT, one row, no timing")
+    args = parser.parse_args()
+    size = Size(gpt_width=args.width, gpt_layers=args.layers, gpt_tokens=args.tokens)
+    chosen = cells(size)
+    if args.smoke:
+        size = Size(gpt_width=32, gpt_layers=2, gpt_tokens=16, cnn_channels=4, cnn_image=8)
+        chosen = [Cell("full", "gpt", 2, True)]
+        args.backend, args.steps, args.reps = "aot_eager", 2, 2
+    if args.only:
+        chosen = [c for c in chosen if args.only in f"{c.model} {c.name} K={c.k}"]
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, backend {args.backend}, "
+        f"{args.steps} steps compared, median of {args.reps} alternated windows"
+    )
+    print(
+        "| model | checkpointing, layout | K | hand: breaks · graphs · recompiles "
+        "| torch_accum: breaks · graphs · recompiles | max param diff | time / hand |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    group = one_rank_group() if any(c.layout == "ddp" for c in chosen) else contextlib.nullcontext()
+    with group:
+        for cell in chosen:
+            row = measure(cell, size, args.backend, args.steps, args.reps)
+            hand = " · ".join(map(str, row.hand))
+            lib = " · ".join(map(str, row.library))
+            flag = "" if row.hand == row.library else " **≠**"
+            print(
+                f"| {cell.model} | {cell.name} | {cell.k} | {hand} | {lib}{flag} "
+                f"| {row.difference:.1e} | {row.ratio:.3f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
