@@ -367,7 +367,11 @@ def section_precision(ctx: Context, sec: Section) -> None:
         (Features("bf16 weights"), torch.bfloat16, {}),
     ]
     if HAS_ACCUMULATION_DTYPE:  # without it (None) and with float32 accumulation
-        for dtype in (None, torch.float32):
+        # float32 sums need Tensor.grad_dtype (torch >= 2.10); older torch refuses them.
+        wide = (torch.float32,) if hasattr(torch.Tensor, "grad_dtype") else ()
+        if not wide:
+            sec.notes.append("torch without Tensor.grad_dtype: bf16 weights summed in bf16 only")
+        for dtype in (None, *wide):
             cases.append((Features("bf16 weights"), torch.bfloat16, {"accumulation_dtype": dtype}))
         del cases[2]
     else:

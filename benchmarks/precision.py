@@ -217,6 +217,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--seeds", type=int, default=6, help="runs averaged per figure")
     args = parser.parse_args()
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        parser.exit(
+            2,
+            f"float32 sums need Tensor.grad_dtype: torch 2.10 or newer, not {torch.__version__}\n",
+        )
     print(
         f"torch {torch.__version__}, torch_accum {torch_accum.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} thread(s)"

@@ -312,11 +312,13 @@ class CheckpointedForward:
         if not (self.block.training and torch.is_grad_enabled()):
             return self.forward(*args, **kwargs)
         owner = self.owner
+        if torch.compiler.is_compiling():
+            # Traced: no log flag to set (a side effect), no identity test of dicts (the
+            # dynamo of torch 2.6 breaks the graph on it and the model would run eagerly).
+            return self._traced(args, without_caches(self.name, kwargs, log=False))
         cleaned = without_caches(self.name, kwargs, log=not owner.logged_cache_drop)
         if cleaned is not kwargs:
             owner.logged_cache_drop = True
-        if torch.compiler.is_compiling():
-            return self._traced(args, cleaned)
         # Recomputation in backward must see the arguments as they were now, even if the
         # caller appends to a list it passed (DenseNet): copy the containers, not tensors.
         saved_args, saved_kwargs = _snapshot(args), _snapshot(cleaned)
