@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -320,7 +320,7 @@ def _resized(batch: Any, size: int, total: int) -> Any:
     if isinstance(batch, torch.Tensor):
         if size <= total:
             return batch[:size]
-        index = torch.arange(size, device=batch.device) % total
+        index = torch.arange(size, dtype=torch.long, device=batch.device) % total
         return batch.index_select(0, index)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_resized(item, size, total) for item in batch))
@@ -404,10 +404,8 @@ class _Untouched:
             p.grad = grad
         for module, training in zip(self.model.modules(), self.training, strict=True):
             module.training = training
-        if self.ddp_flag is not None:
-            model = self.model
-            assert isinstance(model, DistributedDataParallel)
-            model.require_backward_grad_sync = self.ddp_flag
+        if self.ddp_flag is not None:  # set only for a DistributedDataParallel model
+            cast(DistributedDataParallel, self.model).require_backward_grad_sync = self.ddp_flag
 
 
 # ---------------------------------------------------------------------------- planning
