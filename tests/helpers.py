@@ -147,3 +147,68 @@ def assert_same(
     """Every parameter of ``model`` equals the reference's within ``tolerance``."""
     for got, expected in zip(parameters_of(model), parameters_of(reference), strict=True):
         torch.testing.assert_close(got, expected, **tolerance)
+
+
+def clipped_reference_run(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], k: int, *, max_grad_norm: float
+) -> nn.Module:
+    """``make_model()`` trained by the plain loop, SGD(lr=0.1), clipped, on windows of ``k``."""
+    reference = make_model()
+    reference_run(
+        reference,
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        windows_of(batches, k),
+        max_grad_norm=max_grad_norm,
+    )
+    return reference
+
+
+def run_window(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    acc: Accumulator,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    scaler: Any = None,
+    scheduler: Any = None,
+) -> None:
+    """The user's loop over ``micro_batches`` inside ``with acc:``, with an optional scaler."""
+    with acc:
+        for batch in micro_batches:
+            acc.backward(mse(model, batch))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad()
+
+
+class TwoParts(nn.Module):
+    """A body and a head, for one optimizer each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 16).double()
+        self.head = nn.Linear(16, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def two_optimizers(model: TwoParts) -> list[torch.optim.Optimizer]:
+    """SGD with momentum on the body, AdamW on the head."""
+    return [
+        torch.optim.SGD(model.body.parameters(), lr=0.1, momentum=0.9),
+        torch.optim.AdamW(model.head.parameters(), lr=0.01),
+    ]
+
+
+def poisoned_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], poison: bool
+) -> torch.Tensor:
+    """The mean squared error, made NaN when ``poison``."""
+    loss = mse(model, batch)
+    return loss * float("nan") if poison else loss

@@ -11,7 +11,15 @@ from threading import Thread
 
 import pytest
 import torch
-from helpers import assert_same, make_batches, make_model, mse, reference_run, windows_of
+from helpers import (
+    assert_same,
+    clipped_reference_run,
+    make_batches,
+    make_model,
+    mse,
+    reference_run,
+    windows_of,
+)
 from torch import nn
 
 from torch_accum import Accumulator
@@ -85,13 +93,7 @@ def read_ahead_in_a_thread(items, depth=2):
 def test_iterate_read_ahead_ends_every_window_where_the_plain_loop_does(layout):
     # 10 items at K=4: windows of 4, 4 and 2 (a loop reading one item ahead got 4, 4, 1, 1).
     batches = make_batches(10, 4)
-    reference = make_model()
-    reference_run(
-        reference,
-        torch.optim.SGD(reference.parameters(), lr=0.1),
-        windows_of(batches, 4),
-        max_grad_norm=0.05,
-    )
+    reference = clipped_reference_run(batches, 4, max_grad_norm=0.05)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = Accumulator(model, optimizer, 4)

@@ -10,15 +10,19 @@ import torch
 from helpers import (
     EXACT,
     TOLERANCES,
+    TwoParts,
     assert_same,
     make_batches,
     make_model,
     merge,
     mse,
     parameters_of,
+    poisoned_loss,
     reference_run,
+    run_window,
     sgd_failing_first_step,
     split,
+    two_optimizers,
     windows_of,
 )
 from torch import nn
@@ -79,20 +83,6 @@ class Recorder:
                 super().update(new_scale)
 
         return SpyScaler("cpu", init_scale=1024.0)
-
-
-def run_window(model, optimizer, acc, micro_batches, scaler=None, scheduler=None):
-    with acc:
-        for batch in micro_batches:
-            acc.backward(mse(model, batch))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad()
 
 
 def test_boundary_order_with_a_grad_scaler():
@@ -174,26 +164,7 @@ def test_apply_steps_every_optimizer_and_scheduler_once_with_clipping_over_all()
     assert window.state is S.APPLIED
     assert [s.last_epoch for s in schedulers] == [1, 1]
     assert all(p.grad is not None for p in model.parameters())  # clearing is the loop's
-    for got, expected in zip(parameters_of(model), parameters_of(reference), strict=True):
-        torch.testing.assert_close(got, expected, **TOL64)
-
-
-class TwoParts(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(6, 16).double()
-        self.head = nn.Linear(16, 3).double()
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.body(x)))
-
-
-def two_optimizers(model):
-    return [
-        torch.optim.SGD(model.body.parameters(), lr=0.1, momentum=0.9),
-        torch.optim.AdamW(model.head.parameters(), lr=0.01),
-    ]
+    assert_same(model, reference)
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 0.1])
@@ -285,11 +256,6 @@ def test_a_nonfinite_window_is_skipped_or_discarded():
     assert window.state is S.DISCARDED
     assert all(p.grad is None for p in model.parameters())
     torch.testing.assert_close(parameters_of(model), before, rtol=0, atol=0)
-
-
-def poisoned_loss(model, batch, poison):
-    loss = mse(model, batch)
-    return loss * float("nan") if poison else loss
 
 
 def test_nonfinite_window_is_skipped_without_touching_state():

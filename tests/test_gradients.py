@@ -7,10 +7,13 @@ import pytest
 import torch
 from helpers import (
     TOLERANCES,
+    assert_same,
     make_batches,
     make_model,
     mse,
     parameters_of,
+    poisoned_loss,
+    run_window,
     split,
 )
 from torch import nn
@@ -18,20 +21,6 @@ from torch import nn
 from torch_accum import Accumulator
 
 TOL64 = TOLERANCES[torch.float64]
-
-
-def run_window(model, optimizer, acc, micro_batches, scaler=None, scheduler=None):
-    with acc:
-        for batch in micro_batches:
-            acc.backward(mse(model, batch))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad()
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e6])
@@ -48,8 +37,7 @@ def test_clipping_applies_to_the_accumulated_gradient(max_grad_norm):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     acc = Accumulator(model, optimizer, 4, max_grad_norm=max_grad_norm)
     run_window(model, optimizer, acc, [mb for b in batches for mb in split(b, 4)])
-    for got, expected in zip(parameters_of(model), parameters_of(reference)):
-        torch.testing.assert_close(got, expected, **TOL64)
+    assert_same(model, reference)
 
 
 def test_max_grad_norm_with_no_gradient_in_the_optimizer_steps_nothing():
@@ -63,11 +51,6 @@ def test_max_grad_norm_with_no_gradient_in_the_optimizer_steps_nothing():
     assert acc.optimizer_steps == 1
     for p, b in zip(head.parameters(), before, strict=True):
         assert torch.equal(p, b)
-
-
-def poisoned_loss(model, batch, poison):
-    loss = mse(model, batch)
-    return loss * float("nan") if poison else loss
 
 
 def test_nonfinite_window_raises_when_asked_and_names_the_parameters():

@@ -4,15 +4,19 @@ and their restore, zero_grad semantics, schedulers, calls passing through during
 update, and the errors for loss.backward(), closures and clashing accumulators.
 """
 
+import contextlib
+
 import pytest
 import torch
 from helpers import (
     EXACT,
+    TwoParts,
     assert_same,
     make_batches,
     make_model,
     mse,
     reference_run,
+    two_optimizers,
     windows_of,
 )
 from torch import nn
@@ -281,14 +285,6 @@ class TwoHeads(nn.Module):
         return self.head_b(h) if use_b else self.head_a(h)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
-
-
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("where", ["after_step", "top_of_loop"])
 def test_with_k1_the_loop_is_bitwise_the_plain_loop_for_both_set_to_none(set_to_none, where):
@@ -299,7 +295,7 @@ def test_with_k1_the_loop_is_bitwise_the_plain_loop_for_both_set_to_none(set_to_
         model = TwoHeads()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
         acc = Accumulator(model, optimizer, 1)
-        with acc if accumulate else _nothing():
+        with acc if accumulate else contextlib.nullcontext():
             for (x, y), use_b in zip(batches, uses_b):
                 if where == "top_of_loop":
                     optimizer.zero_grad(set_to_none=set_to_none)
@@ -672,24 +668,6 @@ def test_two_accumulators_on_one_optimizer_raise():
     assert "step" not in vars(optimizer)
     with second:  # fine once the first has left
         pass
-
-
-class TwoParts(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(6, 16).double()
-        self.head = nn.Linear(16, 3).double()
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.body(x)))
-
-
-def two_optimizers(model):
-    return [
-        torch.optim.SGD(model.body.parameters(), lr=0.1, momentum=0.9),
-        torch.optim.AdamW(model.head.parameters(), lr=0.01),
-    ]
 
 
 def test_one_accumulator_per_optimizer_on_one_loss_is_refused_naming_the_joint_form():

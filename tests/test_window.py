@@ -12,15 +12,14 @@ from helpers import (
     EXACT,
     TOLERANCES,
     assert_same,
+    clipped_reference_run,
     make_batches,
     make_model,
     merge,
     mse,
     parameters_of,
-    reference_run,
     train_accumulated,
     train_full_batch,
-    windows_of,
 )
 from torch import nn
 
@@ -393,8 +392,7 @@ def test_apply_averages_the_last_window_over_its_own_length():
         mse(reference, merge(window)).backward()
         optimizer.step()
         reference_scheduler.step()
-    for got, expected in zip(parameters_of(model), parameters_of(reference)):
-        torch.testing.assert_close(got, expected, **TOL64)
+    assert_same(model, reference)
 
 
 def test_dividing_the_partial_window_by_k_would_be_detected():
@@ -426,8 +424,7 @@ def test_discard_drops_the_partial_window_and_logs_it(caplog):
     assert acc.optimizer_steps == 1
     assert acc.micro_step == 0
     assert all(p.grad is None for p in model.parameters())
-    for got, expected in zip(parameters_of(model), parameters_of(reference)):
-        torch.testing.assert_close(got, expected, **TOL64)
+    assert_same(model, reference)
 
 
 def test_carry_continues_the_window_in_the_next_block():
@@ -447,8 +444,7 @@ def test_carry_continues_the_window_in_the_next_block():
                 optimizer.step()
                 optimizer.zero_grad()
     assert acc.optimizer_steps == 2
-    for got, expected in zip(parameters_of(model), parameters_of(reference)):
-        torch.testing.assert_close(got, expected, **TOL64)
+    assert_same(model, reference)
 
 
 def test_carry_keeps_gradients_pending_between_blocks():
@@ -474,8 +470,7 @@ def test_a_complete_window_without_step_is_applied_on_exit():
         for batch in micro_batches:
             acc.backward(mse(model, batch))
     assert acc.optimizer_steps == 1
-    for got, expected in zip(parameters_of(model), parameters_of(reference)):
-        torch.testing.assert_close(got, expected, **TOL64)
+    assert_same(model, reference)
 
 
 def test_nothing_is_applied_when_the_body_raises():
@@ -516,13 +511,7 @@ def hand_clipped_run(batches, k, **accumulator_kwargs):
 @pytest.mark.parametrize("how", ["iterate", "total_micro_batches"])
 def test_the_final_short_window_is_a_boundary_inside_the_loop(how):
     batches = make_batches(10, 4)  # windows of 4, 4 and 2
-    reference = make_model()
-    reference_run(
-        reference,
-        torch.optim.SGD(reference.parameters(), lr=0.1),
-        windows_of(batches, 4),
-        max_grad_norm=0.05,
-    )
+    reference = clipped_reference_run(batches, 4, max_grad_norm=0.05)
     kwargs = {"total_micro_batches": 10} if how == "total_micro_batches" else {}
     model, acc, seen = hand_clipped_run(batches, 4, **kwargs)
     assert seen == 3 and acc.optimizer_steps == 3
