@@ -35,6 +35,14 @@ def test_defaults_and_attributes_of_a_new_accumulator():
         Accumulator(model, optimizer, sync_each_micro_batch="yes")
 
 
+def test_optimizers_sharing_parameters_are_refused_at_construction():
+    model = make_model()
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    second = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"2 parameter\(s\) belong to more than one"):
+        Accumulator(model, [first, second], 2)
+
+
 def test_accumulation_steps_set_between_blocks_applies_to_the_next_window():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

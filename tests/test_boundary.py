@@ -31,6 +31,9 @@ from torch_accum import Accumulator
 from torch_accum._boundary import BoundaryUpdate
 from torch_accum._window import Window, WindowState
 
+S = WindowState
+TOL64 = TOLERANCES[torch.float64]
+
 
 def total_norm(model):
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
@@ -119,12 +122,6 @@ def test_boundary_order_without_a_scaler():
     names = [e if isinstance(e, str) else e[0] for e in recorder.events]
     assert names == ["optimizer.step", "scheduler.step", "zero_grad"]
     assert recorder.events[0][1] == pytest.approx(0.01, rel=1e-4)  # clip adds eps=1e-6
-
-
-TOL64 = TOLERANCES[torch.float64]
-
-
-S = WindowState
 
 
 def complete_window(model, batches):

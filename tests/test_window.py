@@ -27,6 +27,7 @@ from torch_accum import Accumulator
 from torch_accum._window import _ALLOWED, InvalidTransitionError, Window, WindowState
 
 S = WindowState
+TOL64 = TOLERANCES[torch.float64]
 
 
 def test_every_state_has_its_transitions_listed():
@@ -356,9 +357,6 @@ def test_one_element_losses_of_several_shapes_mix_in_a_window():
 
     for a, b in zip(trained(True), trained(False), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-TOL64 = TOLERANCES[torch.float64]
 
 
 def sgd(model):
