@@ -101,3 +101,47 @@ def sgd_failing_first_step(message: str) -> type[torch.optim.SGD]:
             return super().step(closure)
 
     return FailsOnce
+
+
+# --- i28b
+TOL64 = TOLERANCES[torch.float64]
+EXACT = {"rtol": 0.0, "atol": 0.0}
+
+
+def merge(
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches of one window as one batch."""
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def windows_of(micro_batches: list[Any], k: int) -> list[list[Any]]:
+    """The micro-batches cut into windows of ``k`` (the last one may be shorter)."""
+    return [micro_batches[i : i + k] for i in range(0, len(micro_batches), k)]
+
+
+def reference_run(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    max_grad_norm: float | None = None,
+    scheduler: Any = None,
+) -> None:
+    """The plain loop: one optimizer step per window, on the concatenated window."""
+    for window in windows:
+        optimizer.zero_grad()
+        mse(model, merge(window)).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def assert_same(
+    model: nn.Module, reference: nn.Module, tolerance: dict[str, float] = TOL64
+) -> None:
+    """Every parameter of ``model`` equals ``reference``'s within ``tolerance``."""
+    for got, expected in zip(parameters_of(model), parameters_of(reference), strict=True):
+        torch.testing.assert_close(got, expected, **tolerance)
