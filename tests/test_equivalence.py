@@ -143,6 +143,27 @@ def test_trains_exactly_under_a_float64_default_dtype(model_dtype):
     assert_same(model, reference, TOLERANCES[model_dtype])
 
 
+def accumulate(model, optimizer, k, batches, loss_of, **kwargs):
+    """The accumulation loop (zero_grad after each step) with any loss function."""
+    with Accumulator(model, optimizer, k, **kwargs) as acc:
+        for batch in batches:
+            acc.backward(loss_of(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    return acc
+
+
+def assert_one_window_is_skipped(model, non_finite_loss):
+    """At K=1 the window of ``non_finite_loss(model)`` is skipped with a warning, nothing moves."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = parameters_of(model)
+    with Accumulator(model, optimizer, 1) as acc, pytest.warns(RuntimeWarning, match="non-finite"):
+        acc.backward(non_finite_loss(model))
+        optimizer.step()
+    assert acc.skipped_steps == 1
+    torch.testing.assert_close(parameters_of(model), before, **EXACT)
+
+
 class SparseBag(nn.Module):
     def __init__(self):
         super().__init__()
@@ -186,25 +207,16 @@ def test_sparse_gradients_train_exactly(optimizer_class, max_grad_norm):
 
     model = SparseBag()
     optimizer = optimizer_class(model.parameters(), lr=0.1)
-    with Accumulator(model, optimizer, 2, max_grad_norm=max_grad_norm) as acc:
-        for batch in batches:
-            acc.backward(loss_of(model, batch))
-            optimizer.step()
-            optimizer.zero_grad()
+    acc = accumulate(model, optimizer, 2, batches, loss_of, max_grad_norm=max_grad_norm)
     assert acc.optimizer_steps == 3
     assert_same(model, reference)
 
 
 def test_non_finite_sparse_gradients_are_skipped():
-    model = SparseBag()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = parameters_of(model)
     ids, target = sparse_batches()[0]
-    with Accumulator(model, optimizer, 1) as acc, pytest.warns(RuntimeWarning, match="non-finite"):
-        acc.backward(nn.functional.mse_loss(model(ids), target) * math.inf)
-        optimizer.step()
-    assert acc.skipped_steps == 1
-    torch.testing.assert_close(parameters_of(model), before, **EXACT)
+    assert_one_window_is_skipped(
+        SparseBag(), lambda model: nn.functional.mse_loss(model(ids), target) * math.inf
+    )
 
 
 class ComplexLinear(nn.Module):
@@ -247,24 +259,15 @@ def test_complex_parameters_train_exactly(max_grad_norm):
 
     model = ComplexLinear()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    with Accumulator(model, optimizer, 3, max_grad_norm=max_grad_norm) as acc:
-        for batch in batches:
-            acc.backward(complex_loss(model, batch))
-            optimizer.step()
-            optimizer.zero_grad()
+    acc = accumulate(model, optimizer, 3, batches, complex_loss, max_grad_norm=max_grad_norm)
     assert acc.optimizer_steps == 2
     assert_same(model, reference)
 
 
 def test_non_finite_complex_gradients_are_skipped():
-    model = ComplexLinear()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = parameters_of(model)
-    with Accumulator(model, optimizer, 1) as acc, pytest.warns(RuntimeWarning, match="non-finite"):
-        acc.backward(complex_loss(model, complex_batches()[0]) * math.nan)
-        optimizer.step()
-    assert acc.skipped_steps == 1
-    torch.testing.assert_close(parameters_of(model), before, **EXACT)
+    assert_one_window_is_skipped(
+        ComplexLinear(), lambda model: complex_loss(model, complex_batches()[0]) * math.nan
+    )
 
 
 class ScaledModel(nn.Module):

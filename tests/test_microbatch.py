@@ -425,6 +425,14 @@ def test_real_cuda_out_of_memory_is_recovered():
         torch.testing.assert_close(got.cpu(), expected, **TOL)
 
 
+def auto_sized(model, memory_budget, **kwargs):
+    """An Accumulator (SGD, lr 0.1) whose micro-batch size is sized from ``memory_budget``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Accumulator(
+        model, optimizer, micro_batch_size="auto", memory_budget=memory_budget, **kwargs
+    )
+
+
 def test_memory_budget_sizing_starts_from_a_four_sample_probe():
     # The 4-sample probe's peak per sample gives the first guess; a bisection on measured
     # peaks then settles on the largest size within the budget.
@@ -446,12 +454,7 @@ def test_memory_budget_sizing_starts_from_a_four_sample_probe():
         sizes.append(len(micro[0]))
         return nn.functional.mse_loss(model(micro[0]), micro[1])
 
-    acc = Accumulator(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        micro_batch_size="auto",
-        memory_budget=budget,
-    )
+    acc = auto_sized(model, budget)
     with acc:
         acc.step_batch((x, y), compute_loss)
     assert acc.micro_batch_size == largest
@@ -557,12 +560,7 @@ def test_memory_budget_finds_the_largest_size_that_fits():
 
     budget = peak(25)
     largest = max(s for s in range(1, 65) if peak(s) <= budget)
-    acc = Accumulator(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        micro_batch_size="auto",
-        memory_budget=budget,
-    )
+    acc = auto_sized(model, budget)
     with acc:
         acc.step_batch((x, y), compute_loss)
     assert acc.micro_batch_size == largest >= 25
@@ -594,13 +592,7 @@ def test_probe_up_after_counts_from_zero_after_memory_budget_sizing():
     budget = measure_activation_memory(
         lambda: compute_loss((x[:8], y[:8])), parameters=model.parameters()
     ).peak
-    acc = Accumulator(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        micro_batch_size="auto",
-        memory_budget=budget,
-        probe_up_after=2,
-    )
+    acc = auto_sized(model, budget, probe_up_after=2)
     sizes = []
     with acc:
         for _ in range(3):

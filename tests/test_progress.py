@@ -12,10 +12,11 @@ from torch_accum import Accumulator
 pytest.importorskip("tqdm")
 
 
-def train(progress, micro_batches=12, **kwargs):
+def train(progress, micro_batches=12, k=4, lr=0.05, **kwargs):
+    """The plain accumulation loop (zero_grad after each step) with ``progress``."""
     model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    acc = Accumulator(model, optimizer, 4, progress=progress, **kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    acc = Accumulator(model, optimizer, k, progress=progress, **kwargs)
     with acc:
         for batch in make_batches(micro_batches, 4):
             acc.backward(mse(model, batch))
@@ -86,15 +87,7 @@ def recording_bar(monkeypatch):
 
 
 def train_with_bar(k=2, micro_batches=4, lr=0.05, **kwargs):
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    acc = Accumulator(model, optimizer, k, progress=True, **kwargs)
-    with acc:
-        for batch in make_batches(micro_batches, 4):
-            acc.backward(mse(model, batch))
-            optimizer.step()
-            optimizer.zero_grad()
-    return acc
+    return train(True, micro_batches, k=k, lr=lr, **kwargs)
 
 
 def test_the_bar_in_a_log_file_redraws_rarely_at_a_fixed_width(recording_bar):
@@ -150,14 +143,7 @@ def test_the_bar_counts_skipped_steps(recording_bar):
 def test_the_total_is_the_ceiling_of_micro_batches_over_k(capsys):
     # Not total_micro_batches // K: 10 micro-batches at K=4 are windows of 4, 4 and 2.
     pytest.importorskip("tqdm")
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    acc = Accumulator(model, optimizer, 4, total_micro_batches=10, progress=True)
-    with acc:
-        for batch in make_batches(10, 4):
-            acc.backward(mse(model, batch))
-            optimizer.step()
-            optimizer.zero_grad()
+    acc = train(True, micro_batches=10, total_micro_batches=10)
     err = capsys.readouterr().err
     assert acc.optimizer_steps == 3
     assert "3/3" in err
