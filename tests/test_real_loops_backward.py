@@ -343,7 +343,7 @@ VARIANTS = [
         RuntimeError,
         r"already",
     ),
-    # -- more loop shapes
+    # -- scaled and unreduced losses
     error(
         "scaled_loss_passed_to_acc_backward",
         "nanogpt",

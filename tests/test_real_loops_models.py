@@ -405,7 +405,7 @@ VARIANTS = [
             loss=lambda model, window: model.value * 1.0,
         ),
     ),
-    # -- more loop shapes
+    # -- freezing, parameter groups, validation, NaN under float64 default, RNN state
     exact(
         "validation_inside_block",
         "nanogpt",

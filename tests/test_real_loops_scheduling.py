@@ -199,7 +199,7 @@ VARIANTS = [
         ValueError,
         r"optimizer",
     ),
-    # -- more loop shapes
+    # -- schedulers stepped by the loop
     exact(
         "onecyclelr_stepped_under_sync_iterate",
         "accelerate",

@@ -222,7 +222,7 @@ VARIANTS = [
         loop_state_dict_every_iteration,
         P(reference, N_PARTIAL, scheduler=halving, clip=0.5),
     ),
-    # -- more loop shapes
+    # -- resuming with weights, several optimizers and a scaler
     exact(
         "resume_weighted_window_two_optimizers",
         "torchtitan",

@@ -468,7 +468,7 @@ VARIANTS = [
         loop_sparse_embedding_sgd_ragged_weights,
         P(reference, setup=bag_of_words_sgd, batches=P(token_batches, RAGGED_SIZES)),
     ),
-    # -- more loop shapes
+    # -- where the step is called, GradScaler combinations
     exact(
         "step_at_top_of_next_iteration",
         "edge",

@@ -296,7 +296,7 @@ VARIANTS = [
         loop_accumulation_steps_changed_with_carried_window,
         P(reference, 12, groups=split_at(4, 8, 10)),
     ),
-    # -- more loop shapes
+    # -- declared lengths, loops that break early, discards
     exact(
         "iterate_partial_window_discard",
         "edge",

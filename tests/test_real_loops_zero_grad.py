@@ -307,7 +307,7 @@ VARIANTS = [
             set_to_none=True,
         ),
     ),
-    # -- more loop shapes
+    # -- set_to_none=False and mixed clearing with an unused head
     exact(
         "model_zero_grad_set_to_none_false_unused_head",
         "hf-trainer",
