@@ -14,7 +14,7 @@ the score in docs/testing.md, which also says what the numbers mean.
     python benchmarks/mutation.py --report               # only print the last results
     python benchmarks/mutation.py --rerun-survivors      # after adding tests: run them again
     python benchmarks/mutation.py --rerun-timeouts       # timed out on a busy machine? again
-    python benchmarks/mutation.py --recheck tests/test_gaps.py   # quicker: only these files
+    python benchmarks/mutation.py --recheck tests/test_window.py  # quicker: only these files
     python benchmarks/mutation.py torch_accum.distributed --recheck tests/test_distributed.py
     python benchmarks/mutation.py --stamp                # after judging survivors
 

@@ -103,7 +103,8 @@ def sgd_failing_first_step(message: str) -> type[torch.optim.SGD]:
     return FailsOnce
 
 
-# --- i28a
+# --- shared by the test modules of several concepts
+TOL64 = TOLERANCES[torch.float64]
 EXACT = {"rtol": 0.0, "atol": 0.0}
 
 
@@ -212,3 +213,18 @@ def poisoned_loss(
     """The mean squared error, made NaN when ``poison``."""
     loss = mse(model, batch)
     return loss * float("nan") if poison else loss
+
+
+def sync_gradients_after_each_backward(
+    acc: Accumulator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[bool]:
+    """``acc.sync_gradients`` after each ``acc.backward`` of a plain loop over ``batches``."""
+    ends = []
+    for batch in batches:
+        acc.backward(mse(model, batch))
+        ends.append(acc.sync_gradients)
+        optimizer.step()
+    return ends

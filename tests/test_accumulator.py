@@ -18,6 +18,7 @@ from helpers import (
     make_model,
     mse,
     reference_run,
+    sync_gradients_after_each_backward,
     windows_of,
 )
 from torch import nn
@@ -228,11 +229,7 @@ def test_discard_keeps_the_micro_batches_counted_towards_total_micro_batches():
     with Accumulator(model, optimizer, 3, total_micro_batches=3) as acc:
         acc.backward(mse(model, batches[0]))
         assert acc.discard() == 1
-        ends = []
-        for batch in batches[1:]:
-            acc.backward(mse(model, batch))
-            ends.append(acc.sync_gradients)
-            optimizer.step()
+        ends = sync_gradients_after_each_backward(acc, model, optimizer, batches[1:])
     assert ends == [False, True]
     assert acc.optimizer_steps == 1
 

@@ -412,3 +412,35 @@ def test_selective_refuses_a_write_it_cannot_protect_naming_the_block(monkeypatc
         r"aten.addmm.default.*checkpointing='full'",
     ):
         gradients(model, torch.randn(4, 16), "selective")
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class Net(nn.Module):
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(blocks))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_true_needs_two_blocks_of_a_kind():
+    # A container of one block does not count as repeated.
+    model = Net(blocks=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"checkpointing=True found no repeated blocks in Net"):
+        Accumulator(model, optimizer, 2, checkpointing=True)
+    two = Net(blocks=2)
+    acc = Accumulator(two, torch.optim.SGD(two.parameters(), lr=0.1), 2, checkpointing=True)
+    assert acc.checkpointed_modules == ("blocks.0", "blocks.1")

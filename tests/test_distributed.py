@@ -1,4 +1,5 @@
-"""DDP and FSDP2 on 2 CPU ranks: exact, one all-reduce per step, no hangs.
+"""DDP and FSDP2 on CPU ranks: exact, one all-reduce per step, no hangs: uneven or empty
+inputs raise the same clear error on every rank within seconds.
 
 Every scenario runs on gloo ranks that are processes (loopback) and on ranks that are
 threads of the test process (see distributed_workers.py).
@@ -8,17 +9,16 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from distributed_ddp import SUBGROUP_COUNTS, ddp_part_giving, pair_micro_batches
+from distributed_uneven import uneven_layouts
 from distributed_workers import (
     RANKS,
-    SUBGROUP_COUNTS,
-    ddp_part_giving,
     global_batches,
     launch,
     launch_in_threads,
     launch_ranks,
     make_net,
     make_optimizer,
-    pair_micro_batches,
     rank_micro_batches,
     weighted_reference,
 )
@@ -301,8 +301,9 @@ def test_ddp_on_subgroups_agrees_and_averages_inside_the_models_group(how, tmp_p
 
 # FSDP2 on CPU fails in torch 2.6 ("'Stream' object has no attribute 'record_event'");
 # torch 2.13, which CI pins, runs it.
+FSDP2_ON_CPU = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
 fsdp2_on_cpu = pytest.mark.skipif(
-    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
+    not FSDP2_ON_CPU,
     reason="FSDP2 on CPU needs a newer torch than this one (tested with 2.13)",
 )
 
@@ -403,3 +404,59 @@ def test_ddp_bfloat16_weights_average_the_float32_sums_once_per_window(ddp):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert "sync_each_micro_batch=False" in refused
+
+
+# ----------------------------------------------------------------------------- uneven inputs
+# The matrix of uneven layouts: DDP (with a BatchNorm, whose buffers DDP broadcasts in every
+# forward) and FSDP2, 2 and 4 ranks, token weights on and off, total_micro_batches given or not.
+CASES = [
+    pytest.param(wrapper, world, id=f"{wrapper}-{world}ranks")
+    for wrapper in ("ddp", "fsdp2")
+    for world in (2, 4)
+]
+
+
+SECONDS = 10  # issue 16: every rank raises within 10 s (a hang waits for the group's timeout)
+
+
+@pytest.mark.parametrize("how", RANKS)
+@pytest.mark.parametrize(("wrapper", "world"), CASES)
+def test_every_uneven_layout_raises_on_every_rank_within_seconds(wrapper, world, how, tmp_path):
+    if wrapper == "fsdp2" and not FSDP2_ON_CPU:
+        pytest.skip("FSDP2 on CPU needs a newer torch than this one (tested with 2.13)")
+    ranks = launch_ranks(how, f"uneven_matrix_{wrapper}", tmp_path, world=world, timeout=240)
+    layouts = uneven_layouts(world)
+    # Equal counts but different accumulation_steps (rank 0: 2, the others: 4).
+    steps = [2] + [4] * (world - 1)
+    for declared in (False, True):
+        for rank in ranks:
+            message = rank[f"steps/{declared}"] or "nothing raised"
+            assert f"different accumulation_steps (ranks 0..{world - 1}: {steps})" in message
+            assert message.endswith("give every rank the same accumulation_steps")
+    matrix = [case for case in ranks[0] if case.count("/") == 2]
+    assert len(matrix) == 4 * len(layouts)
+    for case in matrix:
+        layout, _weighted, declared = case.split("/")
+        messages = set()
+        for rank, results in enumerate(ranks):
+            outcome, seconds = results[case]
+            assert outcome is not None, f"{case}: rank {rank} raised nothing"
+            kind, message = outcome
+            assert kind == "UnevenInputsError", f"{case}: rank {rank}: {kind}: {message}"
+            assert seconds < SECONDS, f"{case}: rank {rank} took {seconds:.1f} s"
+            assert "DistributedSampler(drop_last=True)" in message
+            messages.add(message)
+        # One agreement, gathered by all: every rank explains the same thing.
+        assert len(messages) == 1, f"{case}: {messages}"
+        message = messages.pop()
+        counts = layouts[layout]
+        if declared == "True":
+            assert f"total_micro_batches of ranks 0..{world - 1}: {counts}" in message
+        else:
+            # Each rank's count as far as it went before the first rank left the block.
+            shortest = min(counts)
+            assert "a rank left the with block" in message
+            for rank, count in enumerate(counts):
+                stopped = "left the with block" if count == shortest else "another forward"
+                assert f"rank {rank} ran {shortest} micro-batches, then " in message
+                assert stopped in message.split(f"rank {rank} ran")[1].split(";")[0]

@@ -1,18 +1,27 @@
-"""Semantics 1 and 8: accumulated training equals full-batch training."""
+"""Accumulated training equals full-batch training: optimizers, dtypes, sparse and complex
+gradients, losses that reach a parameter through a view."""
+
+import math
 
 import pytest
 import torch
 from helpers import (
+    EXACT,
     OPTIMIZERS,
     TOLERANCES,
+    assert_same,
     make_batches,
     make_model,
+    merge,
     mse,
     parameters_of,
+    reference_run,
     split,
     train_accumulated,
     train_full_batch,
+    windows_of,
 )
+from torch import nn
 
 from torch_accum import Accumulator
 
@@ -109,3 +118,187 @@ def test_top_of_loop_zero_grad_style_is_equivalent():
             optimizer.step()
     for got, expected in zip(parameters_of(model), parameters_of(reference)):
         torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float64, torch.float32], ids=str)
+def test_trains_exactly_under_a_float64_default_dtype(model_dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        batches = make_batches(8, 4, dtype=model_dtype)
+        reference = make_model(model_dtype)
+        reference_run(
+            reference, torch.optim.Adam(reference.parameters(), lr=0.01), windows_of(batches, 4)
+        )
+        model = make_model(model_dtype)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        with Accumulator(model, optimizer, 4) as acc:
+            for batch in batches:
+                acc.backward(mse(model, batch))
+                optimizer.step()
+                optimizer.zero_grad()
+    finally:
+        torch.set_default_dtype(previous)
+    assert acc.optimizer_steps == 2
+    assert_same(model, reference, TOLERANCES[model_dtype])
+
+
+def accumulate(model, optimizer, k, batches, loss_of, **kwargs):
+    """The accumulation loop (zero_grad after each step) with any loss function."""
+    with Accumulator(model, optimizer, k, **kwargs) as acc:
+        for batch in batches:
+            acc.backward(loss_of(model, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    return acc
+
+
+def assert_one_window_is_skipped(model, non_finite_loss):
+    """At K=1 the window of ``non_finite_loss(model)`` is skipped with a warning, nothing moves."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = parameters_of(model)
+    with Accumulator(model, optimizer, 1) as acc, pytest.warns(RuntimeWarning, match="non-finite"):
+        acc.backward(non_finite_loss(model))
+        optimizer.step()
+    assert acc.skipped_steps == 1
+    torch.testing.assert_close(parameters_of(model), before, **EXACT)
+
+
+class SparseBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(20, 4, sparse=True).double()
+
+    def forward(self, ids):
+        return self.embedding(ids).sum(-1)
+
+
+def sparse_batches():
+    generator = torch.Generator().manual_seed(3)
+    return [
+        (
+            torch.randint(0, 20, (3, 5), generator=generator),
+            torch.randn(3, 5, dtype=torch.float64, generator=generator),
+        )
+        for _ in range(6)
+    ]
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.SparseAdam])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_sparse_gradients_train_exactly(optimizer_class, max_grad_norm):
+    batches = sparse_batches()
+
+    def loss_of(model, batch):
+        ids, target = batch
+        return nn.functional.mse_loss(model(ids), target)
+
+    reference = SparseBag()
+    ref_optimizer = optimizer_class(reference.parameters(), lr=0.1)
+    for window in windows_of(batches, 2):
+        ref_optimizer.zero_grad()
+        loss_of(reference, merge(window)).backward()
+        if max_grad_norm is not None:
+            grad = reference.embedding.weight.grad.coalesce()
+            coefficient = min(1.0, max_grad_norm / (float(grad.values().norm()) + 1e-6))
+            reference.embedding.weight.grad = grad * coefficient
+        ref_optimizer.step()
+
+    model = SparseBag()
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    acc = accumulate(model, optimizer, 2, batches, loss_of, max_grad_norm=max_grad_norm)
+    assert acc.optimizer_steps == 3
+    assert_same(model, reference)
+
+
+def test_non_finite_sparse_gradients_are_skipped():
+    ids, target = sparse_batches()[0]
+    assert_one_window_is_skipped(
+        SparseBag(), lambda model: nn.functional.mse_loss(model(ids), target) * math.inf
+    )
+
+
+class ComplexLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.complex128, generator=generator))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+def complex_batches():
+    generator = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(4, 4, dtype=torch.complex128, generator=generator),
+            torch.randn(4, 3, dtype=torch.complex128, generator=generator),
+        )
+        for _ in range(6)
+    ]
+
+
+def complex_loss(model, batch):
+    x, y = batch
+    return (model(x) - y).abs().pow(2).mean()
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_complex_parameters_train_exactly(max_grad_norm):
+    batches = complex_batches()
+    reference = ComplexLinear()
+    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for window in windows_of(batches, 3):
+        ref_optimizer.zero_grad()
+        complex_loss(reference, merge(window)).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm)
+        ref_optimizer.step()
+
+    model = ComplexLinear()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    acc = accumulate(model, optimizer, 3, batches, complex_loss, max_grad_norm=max_grad_norm)
+    assert acc.optimizer_steps == 2
+    assert_same(model, reference)
+
+
+def test_non_finite_complex_gradients_are_skipped():
+    assert_one_window_is_skipped(
+        ComplexLinear(), lambda model: complex_loss(model, complex_batches()[0]) * math.nan
+    )
+
+
+class ScaledModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(6, 3).double()
+        self.bias = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_loss_reaching_a_parameter_through_a_view_trains_exactly():
+    batches = make_batches(12, 4)
+
+    def loss_of(model, batch):
+        return mse(model.net, batch) + model.bias.view(())  # the loss reaches a leaf by a view
+
+    reference = ScaledModel()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for window in windows_of(batches, 4):
+        ref_optimizer.zero_grad()
+        loss_of(reference, merge(window)).backward()
+        ref_optimizer.step()
+    model = ScaledModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Accumulator(model, optimizer, 4) as acc:
+        for batch in batches:
+            acc.backward(loss_of(model, batch))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+    assert acc.optimizer_steps == 3
+    assert_same(model, reference)

@@ -1,4 +1,5 @@
-"""measure_activation_memory: exact byte counts, scaling, gradient exclusion, checkpointing."""
+"""measure_activation_memory: exact byte counts (views, resized and wrapped storages),
+scaling, gradient exclusion, checkpointing."""
 
 import pytest
 import torch
@@ -250,3 +251,52 @@ def test_cuda_max_allocated():
     assert memory.retained_after_forward == 6404
     assert memory.cuda_max_allocated is not None
     assert memory.cuda_max_allocated > 0
+
+
+def test_a_storage_that_an_out_argument_resizes_counts_its_new_size():
+    x = torch.ones(100)  # 400 bytes
+
+    def forward():
+        out = torch.empty(4)  # 16 bytes, grown to 400 in place
+        torch.mul(x, 2, out=out.resize_(100))
+        return out.sum()
+
+    memory = measure_activation_memory(forward, backward=False)
+    assert memory.peak == 400 + 4
+    assert memory.retained_after_forward == 4  # `out` is freed when forward returns
+
+
+def test_a_view_of_a_new_tensor_is_not_counted_again():
+    x = torch.ones(100)
+    memory = measure_activation_memory(lambda: (x * 2).view(10, 10)[0].sum(), backward=False)
+    assert memory.peak == 400 + 4
+
+
+def test_a_wrapper_subclass_counts_the_storages_of_its_inner_tensors():
+    # DTensor (FSDP2) is such a subclass: the memory is in the tensors it wraps.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = TwoTensor(torch.ones(100), torch.ones(100))
+    memory = measure_activation_memory(lambda: (x * 2).sum(), backward=False)
+    assert memory.peak == 2 * 400 + 2 * 4
+
+
+def test_a_broadcast_gradient_is_not_taken_for_the_parameters_own():
+    # The gradient of w.sum() is the 4-byte backward seed expanded to w's shape: its storage
+    # is the seed's, an activation of backward, not a gradient to leave out.
+    weight = nn.Parameter(torch.ones(100, 4))
+    weight.grad = torch.zeros_like(weight)
+    memory = measure_activation_memory(lambda: weight.sum(), parameters=[weight])
+    assert (memory.retained_after_forward, memory.peak) == (4, 4 + 4)
+
+
+def test_parameters_may_be_a_single_tensor():
+    weight = nn.Parameter(torch.ones(100, 4))
+    x = torch.ones(4)
+
+    def measure(parameters):
+        weight.grad = torch.zeros_like(weight)  # backward adds a fresh gradient into it
+        return measure_activation_memory(lambda: (weight @ x).sum(), parameters=parameters)
+
+    assert measure(weight) == measure([weight])
+    assert measure(weight).peak < measure([]).peak  # the fresh gradient is left out

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 from helpers import make_batches, make_model, mse
+from torch import nn
 
-from torch_accum import Accumulator
+from torch_accum import Accumulator, measure_activation_memory
 
 
 @pytest.fixture
@@ -146,3 +147,82 @@ def test_a_scheduler_listed_twice_is_refused(model, optimizer):
         ValueError, match=r"scheduler lists the same scheduler twice.*pass each scheduler once"
     ):
         Accumulator(model, optimizer, 2, scheduler=[scheduler, scheduler])
+
+
+class Reprs:
+    """An object whose repr is exactly the text given."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("x" * 60, "got " + "x" * 60 + " (Reprs)"),  # up to 60 characters the repr is shown
+        ("x" * 61, "an object of type Reprs"),  # a longer one is summarised
+        ("a\nb", "an object of type Reprs"),  # as is a short one on several lines
+    ],
+)
+def test_error_messages_show_short_one_line_reprs_only(text, shown):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    value = Reprs(text)
+    with pytest.raises(TypeError) as accumulator_error:
+        Accumulator(model, optimizer, value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as memory_error:
+        measure_activation_memory(value)
+    for error in (accumulator_error, memory_error):
+        assert shown in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+def test_parameters_shared_by_several_optimizers_are_refused_with_their_count():
+    a, b, c = (nn.Parameter(torch.ones(1)) for _ in range(3))
+    first = torch.optim.SGD([a, b], lr=0.1)
+    second = torch.optim.SGD([a], lr=0.1)
+    third = torch.optim.SGD([b, c], lr=0.1)
+    model = nn.Module()
+    with pytest.raises(
+        ValueError, match=r"optimizer: 2 parameter\(s\) belong to more than one of the optimizers"
+    ):
+        Accumulator(model, [first, second, third])
+
+
+@pytest.mark.parametrize(
+    "argument", ["micro_batch_size", "total_micro_batches", "probe_up_after", "memory_budget"]
+)
+def test_counts_refuse_booleans(argument):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    extra = {"micro_batch_size": "auto"} if argument in ("probe_up_after", "memory_budget") else {}
+    with pytest.raises(ValueError, match=rf"{argument} must be .*got True \(bool\)"):
+        Accumulator(model, optimizer, **extra, **{argument: True})
+
+
+def test_sizing_arguments_without_auto_are_refused():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"max_micro_batch_size"):
+        Accumulator(model, optimizer, micro_batch_size=4, max_micro_batch_size=8)
+
+
+@pytest.mark.parametrize("name", ["memory_budget", "probe_up_after", "max_micro_batch_size"])
+def test_zero_is_refused_for_auto_sizing_arguments(name):
+    # check_optional_positive_int refuses 0, not only negative values.
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match=rf"{name} must be a positive int or None, got 0 \(int\); pass e.g."
+    ):
+        Accumulator(model, optimizer, micro_batch_size="auto", **{name: 0})
+
+
+def test_negative_total_micro_batches_is_refused():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"total_micro_batches must be .*got -1 \(int\)"):
+        Accumulator(model, optimizer, 2, total_micro_batches=-1)
