@@ -86,6 +86,58 @@ def test_a_budget_that_holds_the_whole_batch_times_no_checkpointing_policy():
     assert all(c.status == "dominated by off" and c.samples_per_second is None for c in others)
 
 
+def test_policies_that_recompute_more_are_not_probed_once_the_whole_batch_fits(monkeypatch):
+    # Without checkpointing the whole batch fits, so no policy can hold a larger micro-batch:
+    # probing them would only cost time (the planner's overhead against a grid search).
+    probed = []
+    original = ActivationCheckpointing.install
+
+    def install(self):
+        probed.append(self)
+        return original(self)
+
+    measured = []
+    real_measure = measure_activation_memory
+
+    def counting_measure(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(ActivationCheckpointing, "install", install)
+    monkeypatch.setattr("torch_accum.planner.measure_activation_memory", counting_measure)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
+    assert plan.checkpointing is False
+    assert probed == []  # no checkpointing policy was ever installed
+    assert len(measured) == 3  # off at two small sizes, then the chosen size
+    others = [c for c in plan.candidates if c.label != "off"]
+    assert others and all(c.predicted_peak is None for c in others)
+    assert "dominated by off" in plan.table()
+
+
+def test_a_smaller_micro_batch_must_be_clearly_faster_to_be_chosen(monkeypatch):
+    # Timing noise makes a smaller size look a little faster about half the time; walking
+    # down on such a gain costs a timing per step and gains nothing.
+    samples_per_second = {24: 100.0, 12: 101.0, 8: 150.0}
+
+    def speed(self, policy, size, runs=1):
+        self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
+        self.seconds[policy, size] = size / samples_per_second.get(size, 1.0)
+        self.speeds[policy, size] = samples_per_second.get(size, 1.0)
+        return self.speeds[policy, size]
+
+    monkeypatch.setattr("torch_accum.planner._Search.speed", speed)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
+    assert (plan.checkpointing, plan.micro_batch_size) == (False, 24)
+    assert sorted(c.micro_batch_size for c in plan.candidates if c.label == "off") == [12, 24]
+    samples_per_second[12] = 103.0  # 3% faster: worth the step down, and on to 8
+    plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
+    assert plan.micro_batch_size == 8
+
+
 class NormBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -85,8 +85,9 @@ class Candidate:
     """One (checkpointing, micro-batch size) pair the planner looked at.
 
     ``predicted_peak`` comes from the two measured probes of the policy (bytes, linear in
-    the micro-batch size); ``measured_peak`` is measured at this size (None when it was
-    not); ``samples_per_second`` is the measured forward and backward throughput of one
+    the micro-batch size; None when the policy was not probed: a policy that recomputes
+    less already fits the largest size); ``measured_peak`` is measured at this size (None
+    when it was not); ``samples_per_second`` is the measured forward and backward throughput of one
     micro-batch of this size (None when it was not timed); ``status`` says what the
     planner did with it: ``"chosen"``, ``"timed"``, ``"dominated by <label>"`` (another
     policy recomputes less and fits a micro-batch as large), ``"over budget"``
@@ -98,7 +99,7 @@ class Candidate:
     checkpointing: CheckpointPolicy
     micro_batch_size: int
     accumulation_steps: int
-    predicted_peak: int
+    predicted_peak: int | None
     measured_peak: int | None
     samples_per_second: float | None
     status: str
@@ -177,12 +178,13 @@ class Plan:
             "-" * len(header),
         ]
         for c in self.candidates:
+            predicted = "" if c.predicted_peak is None else _mib(c.predicted_peak)
             measured = "" if c.measured_peak is None else _mib(c.measured_peak)
             speed = "" if c.samples_per_second is None else f"{c.samples_per_second:.1f}"
             lines.append(
                 f"{'*' if c.status == 'chosen' else '':1} {c.label:<16} "
                 f"{c.micro_batch_size:>5} {c.accumulation_steps:>4} "
-                f"{_mib(c.predicted_peak):>13} {measured:>12} {speed:>10}  {c.status}"
+                f"{predicted:>13} {measured:>12} {speed:>10}  {c.status}"
             )
         return "\n".join(lines)
 
@@ -248,7 +250,8 @@ class Plan:
 def _peak_of(candidate: Candidate) -> int:
     if candidate.measured_peak is not None:
         return candidate.measured_peak
-    return candidate.predicted_peak
+    # Only timed candidates are plotted, and a timed policy was probed.
+    return cast(int, candidate.predicted_peak)
 
 
 def _mib(nbytes: int) -> str:
@@ -587,7 +590,6 @@ def _autofit(
                 "must pass batches of the same shape and the same arguments"
             )
     candidates = search.table(tried, sizes, budget, total, choice)
-    chosen = next(c for c in candidates if c.status == "chosen")
     plan = Plan(
         micro_batch_size=size,
         accumulation_steps=math.ceil(total / size),
@@ -595,7 +597,7 @@ def _autofit(
         label=policy.label,
         effective_batch=total,
         memory_budget=budget,
-        predicted_peak=chosen.predicted_peak,
+        predicted_peak=search.predicted(policy, size),
         measured_peak=search.peaks[policy, size],
         samples_per_second=search.speeds[policy, size],
         planning_seconds=time.perf_counter() - started,
@@ -631,6 +633,8 @@ def _budget(memory_budget: int | float | None, device: torch.device) -> int:
 
 
 _OUT_OF_MEMORY = float(2**62)
+#: A smaller micro-batch replaces the fastest one only when it is this much faster.
+_WALK_DOWN_GAIN = 1.02
 
 
 def _allocator_retries(device: torch.device) -> int:
@@ -821,11 +825,19 @@ class _Search:
     def run(
         self, policies: list[_Policy], sizes: list[int], budget: int, total: int
     ) -> tuple[_Policy, int]:
+        largest: dict[_Policy, int | None] = {}
         for policy in policies:
+            # A policy is probed only if it might hold a larger micro-batch than every
+            # policy that recomputes less: once one of those fits the largest candidate
+            # size, this one is hopeless before any measurement (the whole batch fits).
+            ahead = self._recomputing_less(policy, policies, largest, sizes[0])
+            if ahead is not None:
+                self.dominated[policy] = ahead
+                continue
             self.fit(policy, sizes)
-        largest = {p: self.largest_fitting(p, sizes, budget) for p in policies}
+            largest[policy] = self.largest_fitting(policy, sizes, budget)
         if all(s is None for s in largest.values()):
-            lowest = min(self.predicted(p, sizes[-1]) for p in policies)
+            lowest = min(self.predicted(p, sizes[-1]) for p in largest)
             raise ValueError(
                 f"no candidate fits memory_budget={budget} bytes ({_mib(budget)} MiB): the "
                 f"smallest peak, {sizes[-1]} sample(s) with the most checkpointing, is about "
@@ -834,21 +846,11 @@ class _Search:
             )
         # Hopeless: a policy that fits no larger micro-batch than one that recomputes less.
         frontier: list[_Policy] = []
-        for policy in policies:
+        for policy in largest:
             size = largest[policy]
             if size is None:
                 continue
-            better = next(
-                (
-                    other
-                    for other in policies
-                    if other is not policy
-                    and other.recomputes_within(policy)
-                    and not policy.recomputes_within(other)
-                    and (largest[other] or 0) >= size
-                ),
-                None,
-            )
+            better = self._recomputing_less(policy, policies, largest, size)
             if better is not None:
                 self.dominated[policy] = better
             else:
@@ -860,6 +862,27 @@ class _Search:
                 "measured at its size; raise memory_budget"
             )
         return best
+
+    @staticmethod
+    def _recomputing_less(
+        policy: _Policy,
+        policies: list[_Policy],
+        largest: dict[_Policy, int | None],
+        size: int,
+    ) -> _Policy | None:
+        """A measured policy that recomputes less than ``policy`` and fits ``size`` too."""
+        return next(
+            (
+                other
+                for other in policies
+                if other is not policy
+                and other in largest
+                and other.recomputes_within(policy)
+                and not policy.recomputes_within(other)
+                and (largest[other] or 0) >= size
+            ),
+            None,
+        )
 
     def _fastest(
         self,
@@ -878,10 +901,12 @@ class _Search:
             return None
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # The largest micro-batch is not always the fastest (allocator retries, caches):
-        # walk down this policy's sizes while that gets faster (or this one cannot run).
+        # walk down this policy's sizes while that gets clearly faster (or this one cannot
+        # run). Timing noise alone makes a smaller size look a little faster about half the
+        # time, and each step down costs a timing; a gain within the margin is not worth it.
         for smaller in (s for s in sizes if s < size):
             current = self.speeds[policy, size]
-            if self.speed(policy, smaller) <= current and current > 0:
+            if self.speed(policy, smaller) <= _WALK_DOWN_GAIN * current and current > 0:
                 break
             size = smaller
             timed.append((policy, size))
@@ -920,7 +945,9 @@ class _Search:
         rows: list[Candidate] = []
         for policy in policies:
             timed_sizes = sorted({s for p, s in self.speeds if p is policy}, reverse=True)
-            shown = timed_sizes or [self.largest_fitting(policy, sizes, budget) or sizes[-1]]
+            probed = policy in self.lines
+            fitting = self.largest_fitting(policy, sizes, budget) if probed else sizes[0]
+            shown = timed_sizes or [fitting or sizes[-1]]
             for size in shown:
                 key = (policy, size)
                 if key == choice:
@@ -941,7 +968,7 @@ class _Search:
                         checkpointing=policy.setting,
                         micro_batch_size=size,
                         accumulation_steps=math.ceil(total / size),
-                        predicted_peak=self.predicted(policy, size),
+                        predicted_peak=self.predicted(policy, size) if probed else None,
                         measured_peak=self.peaks.get((policy, size)),
                         samples_per_second=self.speeds.get((policy, size)),
                         status=status,
