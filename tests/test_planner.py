@@ -138,6 +138,36 @@ def test_a_smaller_micro_batch_must_be_clearly_faster_to_be_chosen(monkeypatch):
     assert plan.micro_batch_size == 8
 
 
+def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeypatch):
+    # A second run can only make a candidate faster (the fastest run counts): one more
+    # than 5% behind would need a first run disturbed by that much to win.
+    samples_per_second = {"off": 100.0, "every 4th": 96.0, "every 2nd": 94.0, "full": 97.0}
+    runs_asked = {}
+
+    def speed(self, policy, size, runs=1):
+        runs_asked[policy.label] = max(runs, runs_asked.get(policy.label, 0))
+        self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
+        self.seconds[policy, size] = 1.0
+        self.speeds[policy, size] = samples_per_second[policy.label] if size > 1 else 1.0
+        return self.speeds[policy, size]
+
+    monkeypatch.setattr("torch_accum.planner._Search.speed", speed)
+    # Each policy's line puts its largest fitting size above the one recomputing less,
+    # so that none is dominated and all four are timed.
+    largest = {"off": 6, "every 4th": 8, "every 2nd": 12, "full": 24}
+
+    def largest_fitting(self, policy, sizes, budget):
+        return largest[policy.label]
+
+    monkeypatch.setattr("torch_accum.planner._Search.largest_fitting", largest_fitting)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    policies = [False, Checkpointing(every=4), Checkpointing(every=2), True]
+    plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
+    assert plan.label == "off"
+    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 2}
+
+
 class NormBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -635,6 +635,8 @@ def _budget(memory_budget: int | float | None, device: torch.device) -> int:
 _OUT_OF_MEMORY = float(2**62)
 #: A smaller micro-batch replaces the fastest one only when it is this much faster.
 _WALK_DOWN_GAIN = 1.02
+#: Candidates timed within this fraction of the fastest are timed again before one wins.
+_CONTENDER = 0.95
 
 
 def _allocator_retries(device: torch.device) -> int:
@@ -679,6 +681,7 @@ class _Search:
         self.runs: dict[tuple[_Policy, int], int] = {}
         self.retried: set[tuple[_Policy, int]] = set()
         self.dominated: dict[_Policy, _Policy] = {}
+        self.checkpointing: dict[_Policy, ActivationCheckpointing] = {}
         self.untouched = _Untouched(model)
         self.has_batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
@@ -690,9 +693,13 @@ class _Search:
         return value if self.gather is None else max(self.gather(value))
 
     def _with_policy(self, policy: _Policy, run: Callable[[], float]) -> float:
-        checkpointing = (
-            None if policy.mode is None else ActivationCheckpointing(self.model, policy.setting)
-        )
+        checkpointing = None
+        if policy.mode is not None:
+            # One per policy: choosing its blocks walks the whole model each time.
+            checkpointing = self.checkpointing.get(policy)
+            if checkpointing is None:
+                checkpointing = ActivationCheckpointing(self.model, policy.setting)
+                self.checkpointing[policy] = checkpointing
         if checkpointing is not None:
             checkpointing.install()
         try:
@@ -910,11 +917,12 @@ class _Search:
                 break
             size = smaller
             timed.append((policy, size))
-        # One run each so far; when others come within 10% of the fastest, these
+        # One run each so far; when others come within 5% of the fastest, these
         # contenders get the rest of their runs (a disturbed run only makes a candidate
-        # look slower), then the fastest of them wins.
+        # look slower), then the fastest of them wins. Further apart, the slower one would
+        # have to have been disturbed by more than 5% to be the faster.
         fastest = self.speeds[policy, size]
-        contenders = [key for key in timed if self.speeds[key] >= 0.9 * fastest]
+        contenders = [key for key in timed if self.speeds[key] >= _CONTENDER * fastest]
         for key in contenders if len(contenders) > 1 else []:
             self.speed(*key, runs=self.repeats)
         policy, size = max(timed, key=lambda t: self.speeds[t])
