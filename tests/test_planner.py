@@ -12,6 +12,7 @@ from torch import nn
 
 from torch_accum import Accumulator, Checkpointing, Plan, autofit, measure_activation_memory
 from torch_accum.checkpointing import ActivationCheckpointing
+from torch_accum.planner import _Search
 
 CONFIG = GPTConfig(vocab_size=64, context=16, width=32, heads=4, layers=4)
 BATCH = 24
@@ -144,10 +145,12 @@ def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeyp
     samples_per_second = {"off": 100.0, "every 4th": 96.0, "every 2nd": 94.0, "full": 97.0}
     runs_asked = {}
 
+    seconds_per_run = {"off": 0.1, "every 4th": 0.1, "every 2nd": 0.1, "full": 0.1}
+
     def speed(self, policy, size, runs=1):
         runs_asked[policy.label] = max(runs, runs_asked.get(policy.label, 0))
         self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
-        self.seconds[policy, size] = 1.0
+        self.seconds[policy, size] = seconds_per_run[policy.label]
         self.speeds[policy, size] = samples_per_second[policy.label] if size > 1 else 1.0
         return self.speeds[policy, size]
 
@@ -166,6 +169,11 @@ def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeyp
     plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
     assert plan.label == "off"
     assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 2}
+    # A run of a second or more is not repeated: one long run averages out disturbances.
+    runs_asked.clear()
+    seconds_per_run["full"] = 1.0
+    plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
+    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 1}
 
 
 class NormBlock(nn.Module):
@@ -430,3 +438,84 @@ def test_fsdp2_ranks_plan_in_lockstep_and_agree(tmp_path):
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["plan"][0] <= 4
     assert ranks[0]["untouched"] and ranks[1]["untouched"]
+
+
+class ConvNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv(x)).relu()
+
+
+class ConvNormNet(nn.Module):
+    """BatchNorm2d over an image: one sample still gives many values per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvNormBlock() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("make_model", "batch", "probed"),
+    [
+        (NormNet, torch.randn(16, 4), [2, 4]),  # BatchNorm1d refuses one sample in training
+        (ConvNormNet, torch.randn(16, 4, 6, 6), [1, 2]),
+    ],
+    ids=["batchnorm1d", "batchnorm2d"],
+)
+def test_probes_use_one_sample_unless_a_batchnorm_refuses_it(
+    monkeypatch, make_model, batch, probed
+):
+    sizes = []
+    original = _Search.peak
+
+    def peak(self, policy, size):
+        measured = original(self, policy, size)  # one sample refused: raises, not counted
+        sizes.append((policy.label, size))
+        return measured
+
+    monkeypatch.setattr(_Search, "peak", peak)
+    torch.manual_seed(0)
+    model = make_model()
+
+    def compute_loss(micro):
+        return model(micro).pow(2).mean()
+
+    autofit(model, batch, compute_loss, memory_budget=10**9, policies=[False])
+    assert sorted({size for label, size in sizes if size < 16}) == probed
+
+
+def test_selective_is_skipped_where_it_keeps_nothing_that_full_recomputes():
+    # Convolution blocks hold no matmul for selective to keep: its probes measure as much
+    # memory as full checkpointing, so it would recompute the same, plus its policy's cost.
+    torch.manual_seed(0)
+    model = ConvNormNet()
+    batch = torch.randn(16, 4, 6, 6)
+
+    def compute_loss(micro):
+        return model(micro).pow(2).mean()
+
+    budget = int(0.5 * whole_batch_peak_of(model, batch, compute_loss))
+    plan = autofit(model, batch, compute_loss, memory_budget=budget, policies=["selective", True])
+    (selective,) = [c for c in plan.candidates if c.label == "selective"]
+    assert selective.status == "dominated by full" and selective.samples_per_second is None
+    # The GPT's blocks do hold matmuls: there selective keeps them and is timed.
+    gpt = make_gpt()
+    (tokens,) = token_batches(1)
+    budget = int(0.5 * whole_batch_peak(gpt, tokens))
+    plan = autofit(gpt, tokens, loss_of(gpt), memory_budget=budget, policies=["selective", True])
+    assert all(c.status != "dominated by full" for c in plan.candidates)
+
+
+def whole_batch_peak_of(model, batch, compute_loss) -> int:
+    peak = measure_activation_memory(lambda: compute_loss(batch), parameters=model.parameters())
+    model.zero_grad(set_to_none=True)
+    return peak.peak

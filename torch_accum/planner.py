@@ -271,7 +271,8 @@ class _Policy:
 
         Only in the same mode: selective checkpointing recomputes less than full, but its
         policy runs on every op of the block (measured slower than full on ResNet-50,
-        whose blocks hold no matmul for it to keep).
+        whose blocks hold no matmul for it to keep; `_Search._keeping_nothing` skips it
+        where its probes show that).
         """
         if self.mode is None:
             return True
@@ -635,8 +636,13 @@ def _budget(memory_budget: int | float | None, device: torch.device) -> int:
 _OUT_OF_MEMORY = float(2**62)
 #: A smaller micro-batch replaces the fastest one only when it is this much faster.
 _WALK_DOWN_GAIN = 1.02
-#: Candidates timed within this fraction of the fastest are timed again before one wins.
+#: Candidates timed within this fraction of the fastest are timed again before one wins,
+#: unless their runs took this many seconds already: one long run averages out the
+#: disturbances that make a short one look slow.
 _CONTENDER = 0.95
+_TIMED_ENOUGH = 1.0
+#: What BatchNorm raises for one value per channel in training.
+_ONE_SAMPLE_REFUSED = "Expected more than 1 value per channel"
 
 
 def _allocator_retries(device: torch.device) -> int:
@@ -683,9 +689,7 @@ class _Search:
         self.dominated: dict[_Policy, _Policy] = {}
         self.checkpointing: dict[_Policy, ActivationCheckpointing] = {}
         self.untouched = _Untouched(model)
-        self.has_batch_norm = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        )
+        self.one_sample_trains = True  # until a probe of one sample says otherwise
 
     # -------------------------------------------------------------- measurements
     def _agreed(self, value: float) -> float:
@@ -798,10 +802,18 @@ class _Search:
     def fit(self, policy: _Policy, sizes: list[int]) -> None:
         """Two small probes: the peak's line in the micro-batch size."""
         small = sorted(sizes)
-        # The smallest sizes cost least; not 1 with BatchNorm, which refuses one sample in
-        # training.
-        least = 2 if self.has_batch_norm else 1
-        first = next((s for s in small if s >= least), small[0])
+        # The smallest sizes cost least. One sample is refused in training by a BatchNorm
+        # that would see one value per channel (no spatial dimensions): then 2 samples.
+        first = small[0]
+        if first == 1 and self.one_sample_trains:
+            try:
+                self.peak(policy, 1)
+            except ValueError as error:
+                if _ONE_SAMPLE_REFUSED not in str(error):
+                    raise
+                self.one_sample_trains = False
+        if first == 1 and not self.one_sample_trains:
+            first = next((s for s in small if s >= 2), first)
         second = next((s for s in small if s >= 2 * first), small[-1])
         self.refit(policy, first, second)
 
@@ -858,6 +870,7 @@ class _Search:
             if size is None:
                 continue
             better = self._recomputing_less(policy, policies, largest, size)
+            better = better or self._keeping_nothing(policy, largest, sizes)
             if better is not None:
                 self.dominated[policy] = better
             else:
@@ -887,6 +900,29 @@ class _Search:
                 and other.recomputes_within(policy)
                 and not policy.recomputes_within(other)
                 and (largest[other] or 0) >= size
+            ),
+            None,
+        )
+
+    def _keeping_nothing(
+        self, policy: _Policy, largest: dict[_Policy, int | None], sizes: list[int]
+    ) -> _Policy | None:
+        """Full checkpointing of the same blocks, where selective measured no more memory.
+
+        Selective keeps some results that full recomputes, so it holds more; where its
+        probes hold no more than full's (a ResNet's blocks have no matmul to keep), it
+        keeps nothing, recomputes the same and runs its policy on every op on top: it
+        cannot be faster.
+        """
+        if policy.mode != "selective":
+            return None
+        return next(
+            (
+                other
+                for other in largest
+                if other.mode == "full"
+                and other.blocks == policy.blocks
+                and all(self.predicted(policy, s) <= self.predicted(other, s) for s in sizes)
             ),
             None,
         )
@@ -924,7 +960,8 @@ class _Search:
         fastest = self.speeds[policy, size]
         contenders = [key for key in timed if self.speeds[key] >= _CONTENDER * fastest]
         for key in contenders if len(contenders) > 1 else []:
-            self.speed(*key, runs=self.repeats)
+            if self.seconds[key] * self.runs[key] < _TIMED_ENOUGH:
+                self.speed(*key, runs=self.repeats)
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # Measured, not predicted, before it is chosen.
         if self.peak(policy, size) <= budget:
