@@ -300,3 +300,23 @@ def test_parameters_may_be_a_single_tensor():
 
     assert measure(weight) == measure([weight])
     assert measure(weight).peak < measure([]).peak  # the fresh gradient is left out
+
+
+def test_tensors_inside_lists_tuples_and_keyword_arguments_are_seen():
+    # Ops take tensor lists (stack, cat), keyword tensors (out=) and return named tuples
+    # (max): each must be found for its bytes to count, or not count when it predates the run.
+    w = torch.ones(10)
+    buffer = torch.empty(20)  # exists before the run: written through out=, never counted
+    keep = []
+
+    def forward():
+        y = w * 2  # 40 bytes
+        z = torch.stack(y.unbind(0))  # the unbound views share y's storage: 40 bytes for z
+        values, indices = torch.max(z.view(2, 5), dim=0)  # 20 + 40 bytes
+        torch.cat([y, y], out=buffer)  # into the old buffer: nothing new
+        keep.extend([y, z, values, indices])
+        return values.sum()  # 4 bytes
+
+    memory = measure_activation_memory(forward, backward=False)
+    assert memory.retained_after_forward == 40 + 40 + 20 + 40 + 4
+    assert memory.peak == memory.retained_after_forward

@@ -12,6 +12,7 @@ from torch import nn
 
 from torch_accum import Accumulator, Checkpointing, Plan, autofit, measure_activation_memory
 from torch_accum.checkpointing import ActivationCheckpointing
+from torch_accum.planner import _Search
 
 CONFIG = GPTConfig(vocab_size=64, context=16, width=32, heads=4, layers=4)
 BATCH = 24
@@ -84,6 +85,95 @@ def test_a_budget_that_holds_the_whole_batch_times_no_checkpointing_policy():
     others = [c for c in plan.candidates if c.label != "off"]
     assert len(others) == 4
     assert all(c.status == "dominated by off" and c.samples_per_second is None for c in others)
+
+
+def test_policies_that_recompute_more_are_not_probed_once_the_whole_batch_fits(monkeypatch):
+    # Without checkpointing the whole batch fits, so no policy can hold a larger micro-batch:
+    # probing them would only cost time (the planner's overhead against a grid search).
+    probed = []
+    original = ActivationCheckpointing.install
+
+    def install(self):
+        probed.append(self)
+        return original(self)
+
+    measured = []
+    real_measure = measure_activation_memory
+
+    def counting_measure(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(ActivationCheckpointing, "install", install)
+    monkeypatch.setattr("torch_accum.planner.measure_activation_memory", counting_measure)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
+    assert plan.checkpointing is False
+    assert probed == []  # no checkpointing policy was ever installed
+    assert len(measured) == 3  # off at two small sizes, then the chosen size
+    others = [c for c in plan.candidates if c.label != "off"]
+    assert others and all(c.predicted_peak is None for c in others)
+    assert "dominated by off" in plan.table()
+
+
+def test_a_smaller_micro_batch_must_be_clearly_faster_to_be_chosen(monkeypatch):
+    # Timing noise makes a smaller size look a little faster about half the time; walking
+    # down on such a gain costs a timing per step and gains nothing.
+    samples_per_second = {24: 100.0, 12: 101.0, 8: 150.0}
+
+    def speed(self, policy, size, runs=1):
+        self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
+        self.seconds[policy, size] = size / samples_per_second.get(size, 1.0)
+        self.speeds[policy, size] = samples_per_second.get(size, 1.0)
+        return self.speeds[policy, size]
+
+    monkeypatch.setattr("torch_accum.planner._Search.speed", speed)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
+    assert (plan.checkpointing, plan.micro_batch_size) == (False, 24)
+    assert sorted(c.micro_batch_size for c in plan.candidates if c.label == "off") == [12, 24]
+    samples_per_second[12] = 103.0  # 3% faster: worth the step down, and on to 8
+    plan = autofit(model, batch, loss_of(model), memory_budget=10 * whole_batch_peak(model, batch))
+    assert plan.micro_batch_size == 8
+
+
+def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeypatch):
+    # A second run can only make a candidate faster (the fastest run counts): one more
+    # than 5% behind would need a first run disturbed by that much to win.
+    samples_per_second = {"off": 100.0, "every 4th": 96.0, "every 2nd": 94.0, "full": 97.0}
+    runs_asked = {}
+
+    seconds_per_run = {"off": 0.1, "every 4th": 0.1, "every 2nd": 0.1, "full": 0.1}
+
+    def speed(self, policy, size, runs=1):
+        runs_asked[policy.label] = max(runs, runs_asked.get(policy.label, 0))
+        self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
+        self.seconds[policy, size] = seconds_per_run[policy.label]
+        self.speeds[policy, size] = samples_per_second[policy.label] if size > 1 else 1.0
+        return self.speeds[policy, size]
+
+    monkeypatch.setattr("torch_accum.planner._Search.speed", speed)
+    # Each policy's line puts its largest fitting size above the one recomputing less,
+    # so that none is dominated and all four are timed.
+    largest = {"off": 6, "every 4th": 8, "every 2nd": 12, "full": 24}
+
+    def largest_fitting(self, policy, sizes, budget):
+        return largest[policy.label]
+
+    monkeypatch.setattr("torch_accum.planner._Search.largest_fitting", largest_fitting)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    policies = [False, Checkpointing(every=4), Checkpointing(every=2), True]
+    plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
+    assert plan.label == "off"
+    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 2}
+    # A run of a second or more is not repeated: one long run averages out disturbances.
+    runs_asked.clear()
+    seconds_per_run["full"] = 1.0
+    plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
+    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 1}
 
 
 class NormBlock(nn.Module):
@@ -348,3 +438,84 @@ def test_fsdp2_ranks_plan_in_lockstep_and_agree(tmp_path):
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["plan"][0] <= 4
     assert ranks[0]["untouched"] and ranks[1]["untouched"]
+
+
+class ConvNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv(x)).relu()
+
+
+class ConvNormNet(nn.Module):
+    """BatchNorm2d over an image: one sample still gives many values per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvNormBlock() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("make_model", "batch", "probed"),
+    [
+        (NormNet, torch.randn(16, 4), [2, 4]),  # BatchNorm1d refuses one sample in training
+        (ConvNormNet, torch.randn(16, 4, 6, 6), [1, 2]),
+    ],
+    ids=["batchnorm1d", "batchnorm2d"],
+)
+def test_probes_use_one_sample_unless_a_batchnorm_refuses_it(
+    monkeypatch, make_model, batch, probed
+):
+    sizes = []
+    original = _Search.peak
+
+    def peak(self, policy, size):
+        measured = original(self, policy, size)  # one sample refused: raises, not counted
+        sizes.append((policy.label, size))
+        return measured
+
+    monkeypatch.setattr(_Search, "peak", peak)
+    torch.manual_seed(0)
+    model = make_model()
+
+    def compute_loss(micro):
+        return model(micro).pow(2).mean()
+
+    autofit(model, batch, compute_loss, memory_budget=10**9, policies=[False])
+    assert sorted({size for label, size in sizes if size < 16}) == probed
+
+
+def test_selective_is_skipped_where_it_keeps_nothing_that_full_recomputes():
+    # Convolution blocks hold no matmul for selective to keep: its probes measure as much
+    # memory as full checkpointing, so it would recompute the same, plus its policy's cost.
+    torch.manual_seed(0)
+    model = ConvNormNet()
+    batch = torch.randn(16, 4, 6, 6)
+
+    def compute_loss(micro):
+        return model(micro).pow(2).mean()
+
+    budget = int(0.5 * whole_batch_peak_of(model, batch, compute_loss))
+    plan = autofit(model, batch, compute_loss, memory_budget=budget, policies=["selective", True])
+    (selective,) = [c for c in plan.candidates if c.label == "selective"]
+    assert selective.status == "dominated by full" and selective.samples_per_second is None
+    # The GPT's blocks do hold matmuls: there selective keeps them and is timed.
+    gpt = make_gpt()
+    (tokens,) = token_batches(1)
+    budget = int(0.5 * whole_batch_peak(gpt, tokens))
+    plan = autofit(gpt, tokens, loss_of(gpt), memory_budget=budget, policies=["selective", True])
+    assert all(c.status != "dominated by full" for c in plan.candidates)
+
+
+def whole_batch_peak_of(model, batch, compute_loss) -> int:
+    peak = measure_activation_memory(lambda: compute_loss(batch), parameters=model.parameters())
+    model.zero_grad(set_to_none=True)
+    return peak.peak

@@ -85,8 +85,9 @@ class Candidate:
     """One (checkpointing, micro-batch size) pair the planner looked at.
 
     ``predicted_peak`` comes from the two measured probes of the policy (bytes, linear in
-    the micro-batch size); ``measured_peak`` is measured at this size (None when it was
-    not); ``samples_per_second`` is the measured forward and backward throughput of one
+    the micro-batch size; None when the policy was not probed: a policy that recomputes
+    less already fits the largest size); ``measured_peak`` is measured at this size (None
+    when it was not); ``samples_per_second`` is the measured forward and backward throughput of one
     micro-batch of this size (None when it was not timed); ``status`` says what the
     planner did with it: ``"chosen"``, ``"timed"``, ``"dominated by <label>"`` (another
     policy recomputes less and fits a micro-batch as large), ``"over budget"``
@@ -98,7 +99,7 @@ class Candidate:
     checkpointing: CheckpointPolicy
     micro_batch_size: int
     accumulation_steps: int
-    predicted_peak: int
+    predicted_peak: int | None
     measured_peak: int | None
     samples_per_second: float | None
     status: str
@@ -177,12 +178,13 @@ class Plan:
             "-" * len(header),
         ]
         for c in self.candidates:
+            predicted = "" if c.predicted_peak is None else _mib(c.predicted_peak)
             measured = "" if c.measured_peak is None else _mib(c.measured_peak)
             speed = "" if c.samples_per_second is None else f"{c.samples_per_second:.1f}"
             lines.append(
                 f"{'*' if c.status == 'chosen' else '':1} {c.label:<16} "
                 f"{c.micro_batch_size:>5} {c.accumulation_steps:>4} "
-                f"{_mib(c.predicted_peak):>13} {measured:>12} {speed:>10}  {c.status}"
+                f"{predicted:>13} {measured:>12} {speed:>10}  {c.status}"
             )
         return "\n".join(lines)
 
@@ -248,7 +250,8 @@ class Plan:
 def _peak_of(candidate: Candidate) -> int:
     if candidate.measured_peak is not None:
         return candidate.measured_peak
-    return candidate.predicted_peak
+    # Only timed candidates are plotted, and a timed policy was probed.
+    return cast(int, candidate.predicted_peak)
 
 
 def _mib(nbytes: int) -> str:
@@ -268,7 +271,8 @@ class _Policy:
 
         Only in the same mode: selective checkpointing recomputes less than full, but its
         policy runs on every op of the block (measured slower than full on ResNet-50,
-        whose blocks hold no matmul for it to keep).
+        whose blocks hold no matmul for it to keep; `_Search._keeping_nothing` skips it
+        where its probes show that).
         """
         if self.mode is None:
             return True
@@ -587,7 +591,6 @@ def _autofit(
                 "must pass batches of the same shape and the same arguments"
             )
     candidates = search.table(tried, sizes, budget, total, choice)
-    chosen = next(c for c in candidates if c.status == "chosen")
     plan = Plan(
         micro_batch_size=size,
         accumulation_steps=math.ceil(total / size),
@@ -595,7 +598,7 @@ def _autofit(
         label=policy.label,
         effective_batch=total,
         memory_budget=budget,
-        predicted_peak=chosen.predicted_peak,
+        predicted_peak=search.predicted(policy, size),
         measured_peak=search.peaks[policy, size],
         samples_per_second=search.speeds[policy, size],
         planning_seconds=time.perf_counter() - started,
@@ -631,6 +634,15 @@ def _budget(memory_budget: int | float | None, device: torch.device) -> int:
 
 
 _OUT_OF_MEMORY = float(2**62)
+#: A smaller micro-batch replaces the fastest one only when it is this much faster.
+_WALK_DOWN_GAIN = 1.02
+#: Candidates timed within this fraction of the fastest are timed again before one wins,
+#: unless their runs took this many seconds already: one long run averages out the
+#: disturbances that make a short one look slow.
+_CONTENDER = 0.95
+_TIMED_ENOUGH = 1.0
+#: What BatchNorm raises for one value per channel in training.
+_ONE_SAMPLE_REFUSED = "Expected more than 1 value per channel"
 
 
 def _allocator_retries(device: torch.device) -> int:
@@ -675,10 +687,9 @@ class _Search:
         self.runs: dict[tuple[_Policy, int], int] = {}
         self.retried: set[tuple[_Policy, int]] = set()
         self.dominated: dict[_Policy, _Policy] = {}
+        self.checkpointing: dict[_Policy, ActivationCheckpointing] = {}
         self.untouched = _Untouched(model)
-        self.has_batch_norm = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        )
+        self.one_sample_trains = True  # until a probe of one sample says otherwise
 
     # -------------------------------------------------------------- measurements
     def _agreed(self, value: float) -> float:
@@ -686,9 +697,13 @@ class _Search:
         return value if self.gather is None else max(self.gather(value))
 
     def _with_policy(self, policy: _Policy, run: Callable[[], float]) -> float:
-        checkpointing = (
-            None if policy.mode is None else ActivationCheckpointing(self.model, policy.setting)
-        )
+        checkpointing = None
+        if policy.mode is not None:
+            # One per policy: choosing its blocks walks the whole model each time.
+            checkpointing = self.checkpointing.get(policy)
+            if checkpointing is None:
+                checkpointing = ActivationCheckpointing(self.model, policy.setting)
+                self.checkpointing[policy] = checkpointing
         if checkpointing is not None:
             checkpointing.install()
         try:
@@ -787,10 +802,18 @@ class _Search:
     def fit(self, policy: _Policy, sizes: list[int]) -> None:
         """Two small probes: the peak's line in the micro-batch size."""
         small = sorted(sizes)
-        # The smallest sizes cost least; not 1 with BatchNorm, which refuses one sample in
-        # training.
-        least = 2 if self.has_batch_norm else 1
-        first = next((s for s in small if s >= least), small[0])
+        # The smallest sizes cost least. One sample is refused in training by a BatchNorm
+        # that would see one value per channel (no spatial dimensions): then 2 samples.
+        first = small[0]
+        if first == 1 and self.one_sample_trains:
+            try:
+                self.peak(policy, 1)
+            except ValueError as error:
+                if _ONE_SAMPLE_REFUSED not in str(error):
+                    raise
+                self.one_sample_trains = False
+        if first == 1 and not self.one_sample_trains:
+            first = next((s for s in small if s >= 2), first)
         second = next((s for s in small if s >= 2 * first), small[-1])
         self.refit(policy, first, second)
 
@@ -821,11 +844,19 @@ class _Search:
     def run(
         self, policies: list[_Policy], sizes: list[int], budget: int, total: int
     ) -> tuple[_Policy, int]:
+        largest: dict[_Policy, int | None] = {}
         for policy in policies:
+            # A policy is probed only if it might hold a larger micro-batch than every
+            # policy that recomputes less: once one of those fits the largest candidate
+            # size, this one is hopeless before any measurement (the whole batch fits).
+            ahead = self._recomputing_less(policy, policies, largest, sizes[0])
+            if ahead is not None:
+                self.dominated[policy] = ahead
+                continue
             self.fit(policy, sizes)
-        largest = {p: self.largest_fitting(p, sizes, budget) for p in policies}
+            largest[policy] = self.largest_fitting(policy, sizes, budget)
         if all(s is None for s in largest.values()):
-            lowest = min(self.predicted(p, sizes[-1]) for p in policies)
+            lowest = min(self.predicted(p, sizes[-1]) for p in largest)
             raise ValueError(
                 f"no candidate fits memory_budget={budget} bytes ({_mib(budget)} MiB): the "
                 f"smallest peak, {sizes[-1]} sample(s) with the most checkpointing, is about "
@@ -834,21 +865,12 @@ class _Search:
             )
         # Hopeless: a policy that fits no larger micro-batch than one that recomputes less.
         frontier: list[_Policy] = []
-        for policy in policies:
+        for policy in largest:
             size = largest[policy]
             if size is None:
                 continue
-            better = next(
-                (
-                    other
-                    for other in policies
-                    if other is not policy
-                    and other.recomputes_within(policy)
-                    and not policy.recomputes_within(other)
-                    and (largest[other] or 0) >= size
-                ),
-                None,
-            )
+            better = self._recomputing_less(policy, policies, largest, size)
+            better = better or self._keeping_nothing(policy, largest, sizes)
             if better is not None:
                 self.dominated[policy] = better
             else:
@@ -860,6 +882,50 @@ class _Search:
                 "measured at its size; raise memory_budget"
             )
         return best
+
+    @staticmethod
+    def _recomputing_less(
+        policy: _Policy,
+        policies: list[_Policy],
+        largest: dict[_Policy, int | None],
+        size: int,
+    ) -> _Policy | None:
+        """A measured policy that recomputes less than ``policy`` and fits ``size`` too."""
+        return next(
+            (
+                other
+                for other in policies
+                if other is not policy
+                and other in largest
+                and other.recomputes_within(policy)
+                and not policy.recomputes_within(other)
+                and (largest[other] or 0) >= size
+            ),
+            None,
+        )
+
+    def _keeping_nothing(
+        self, policy: _Policy, largest: dict[_Policy, int | None], sizes: list[int]
+    ) -> _Policy | None:
+        """Full checkpointing of the same blocks, where selective measured no more memory.
+
+        Selective keeps some results that full recomputes, so it holds more; where its
+        probes hold no more than full's (a ResNet's blocks have no matmul to keep), it
+        keeps nothing, recomputes the same and runs its policy on every op on top: it
+        cannot be faster.
+        """
+        if policy.mode != "selective":
+            return None
+        return next(
+            (
+                other
+                for other in largest
+                if other.mode == "full"
+                and other.blocks == policy.blocks
+                and all(self.predicted(policy, s) <= self.predicted(other, s) for s in sizes)
+            ),
+            None,
+        )
 
     def _fastest(
         self,
@@ -878,20 +944,24 @@ class _Search:
             return None
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # The largest micro-batch is not always the fastest (allocator retries, caches):
-        # walk down this policy's sizes while that gets faster (or this one cannot run).
+        # walk down this policy's sizes while that gets clearly faster (or this one cannot
+        # run). Timing noise alone makes a smaller size look a little faster about half the
+        # time, and each step down costs a timing; a gain within the margin is not worth it.
         for smaller in (s for s in sizes if s < size):
             current = self.speeds[policy, size]
-            if self.speed(policy, smaller) <= current and current > 0:
+            if self.speed(policy, smaller) <= _WALK_DOWN_GAIN * current and current > 0:
                 break
             size = smaller
             timed.append((policy, size))
-        # One run each so far; when others come within 10% of the fastest, these
+        # One run each so far; when others come within 5% of the fastest, these
         # contenders get the rest of their runs (a disturbed run only makes a candidate
-        # look slower), then the fastest of them wins.
+        # look slower), then the fastest of them wins. Further apart, the slower one would
+        # have to have been disturbed by more than 5% to be the faster.
         fastest = self.speeds[policy, size]
-        contenders = [key for key in timed if self.speeds[key] >= 0.9 * fastest]
+        contenders = [key for key in timed if self.speeds[key] >= _CONTENDER * fastest]
         for key in contenders if len(contenders) > 1 else []:
-            self.speed(*key, runs=self.repeats)
+            if self.seconds[key] * self.runs[key] < _TIMED_ENOUGH:
+                self.speed(*key, runs=self.repeats)
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # Measured, not predicted, before it is chosen.
         if self.peak(policy, size) <= budget:
@@ -920,7 +990,9 @@ class _Search:
         rows: list[Candidate] = []
         for policy in policies:
             timed_sizes = sorted({s for p, s in self.speeds if p is policy}, reverse=True)
-            shown = timed_sizes or [self.largest_fitting(policy, sizes, budget) or sizes[-1]]
+            probed = policy in self.lines
+            fitting = self.largest_fitting(policy, sizes, budget) if probed else sizes[0]
+            shown = timed_sizes or [fitting or sizes[-1]]
             for size in shown:
                 key = (policy, size)
                 if key == choice:
@@ -941,7 +1013,7 @@ class _Search:
                         checkpointing=policy.setting,
                         micro_batch_size=size,
                         accumulation_steps=math.ceil(total / size),
-                        predicted_peak=self.predicted(policy, size),
+                        predicted_peak=self.predicted(policy, size) if probed else None,
                         measured_peak=self.peaks.get((policy, size)),
                         samples_per_second=self.speeds.get((policy, size)),
                         status=status,
