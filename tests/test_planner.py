@@ -169,9 +169,9 @@ def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeyp
     plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
     assert plan.label == "off"
     assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 2}
-    # A run of a second or more is not repeated: one long run averages out disturbances.
+    # A run of half a second or more is not repeated: one long run averages out disturbances.
     runs_asked.clear()
-    seconds_per_run["full"] = 1.0
+    seconds_per_run["full"] = 0.5
     plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
     assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 1}
 

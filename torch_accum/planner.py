@@ -640,7 +640,7 @@ _WALK_DOWN_GAIN = 1.02
 #: unless their runs took this many seconds already: one long run averages out the
 #: disturbances that make a short one look slow.
 _CONTENDER = 0.95
-_TIMED_ENOUGH = 1.0
+_TIMED_ENOUGH = 0.5
 #: What BatchNorm raises for one value per channel in training.
 _ONE_SAMPLE_REFUSED = "Expected more than 1 value per channel"
 
