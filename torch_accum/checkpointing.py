@@ -204,9 +204,6 @@ class ActivationCheckpointing:
         self.names = tuple(name for name, _ in self.blocks)
         self._caches = CacheSwitch(model)
         self._previous: list[tuple[nn.Module, object]] = []
-        # One forward object per block, installed again by every `with` block: a compiled
-        # model guards on the objects it traced, and new ones would recompile it per block.
-        self._forwards: dict[int, CheckpointedForward] = {}
         self.logged_cache_drop = False
 
     def install(self) -> None:
@@ -215,12 +212,7 @@ class ActivationCheckpointing:
         for name, block in self.blocks:
             previous = vars(block).get("forward", _ABSENT)
             self._previous.append((block, previous))
-            forward = self._forwards.get(id(block))
-            if forward is None or forward.shadowed is not previous:
-                forward = self._forwards[id(block)] = CheckpointedForward(
-                    block, name, self, previous
-                )
-            vars(block)["forward"] = forward
+            vars(block)["forward"] = _forward_for(block, name, self, previous)
         logger.debug(
             "checkpointing %d blocks (%s): %s",
             len(self.names),
@@ -252,6 +244,41 @@ class ActivationCheckpointing:
 
 
 _ABSENT = object()
+
+#: The attribute under which a block keeps its `CheckpointedForward` between `with` blocks.
+_KEPT = "_torch_accum_checkpointed_forward"
+
+
+class _Kept:
+    """Holds a block's `CheckpointedForward` on the block, for the next Accumulator too.
+
+    A compiled model guards on the identity of the ``forward`` objects it traced: new ones
+    per ``with`` block or per Accumulator would recompile it each time. Copied and pickled
+    as ``None``: a copy of the block makes a forward of its own, and loading a pickled model
+    needs no torch_accum.
+    """
+
+    __slots__ = ("forward",)
+
+    def __init__(self, forward: CheckpointedForward) -> None:
+        self.forward = forward
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(None), ()
+
+
+def _forward_for(
+    block: nn.Module, name: str, owner: ActivationCheckpointing, previous: object
+) -> CheckpointedForward:
+    """The forward ``block`` last had if it still wraps ``previous``, else a new one."""
+    kept = vars(block).get(_KEPT)
+    forward = kept.forward if isinstance(kept, _Kept) else None
+    if forward is None or forward.block is not block or forward.shadowed is not previous:
+        forward = CheckpointedForward(block, name, owner, previous)
+        vars(block)[_KEPT] = _Kept(forward)
+    else:
+        forward.name, forward.owner = name, owner
+    return forward
 
 
 def _unpatched_forward(block: nn.Module, previous: object) -> object:
