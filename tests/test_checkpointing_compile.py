@@ -153,6 +153,10 @@ def wrap_by_hand(model: nn.Module, policy: object) -> list[nn.Module]:
     return [blocks[index] for index in chosen]
 
 
+#: The code of the graphs handed to the backend in the last `train`, in order.
+traced_graphs: list[str] = []
+
+
 class Counting:
     """A backend that counts the graphs it compiles and the recompilations among them."""
 
@@ -166,6 +170,7 @@ class Counting:
         from torch._guards import CompileContext
 
         self.graphs += 1
+        traced_graphs.append(gm.code)
         compile_id = CompileContext.current_compile_id()
         if compile_id is not None:
             self.compiles.add((compile_id.frame_id, compile_id.frame_compile_id))
@@ -199,6 +204,7 @@ def train(
     """
     torch._dynamo.reset()
     counters.clear()
+    traced_graphs.clear()
     model = make_model(kind, dropout)
     counter = Counting(backend)
     if policy == "callable":
@@ -394,6 +400,17 @@ def test_with_blocks_reuse_the_compiled_graphs(kind):
     assert_same_parameters(got, expected)
 
 
+def test_with_blocks_hand_the_backend_the_graphs_of_the_hand_loop_in_its_order():
+    # Identical graphs, but for the hand wrapper's attribute in the parameters' names: a
+    # difference under inductor is the kernels' (whose multi-threaded CPU code does not give
+    # the same bits twice; benchmarks/compile.py prints the hand loop against itself).
+    train("gpt", True, by_hand=True, blocks=3)
+    expected = [code.replace("_modules_block_", "_") for code in traced_graphs]
+    train("gpt", True, by_hand=False, blocks=3)
+    assert len(expected) == 2
+    assert traced_graphs == expected
+
+
 def test_a_new_accumulator_on_the_same_model_reuses_the_compiled_graphs():
     # An Accumulator per epoch (a training function that builds its own): the forward
     # objects a block gets must be the ones the compiled graph guards on.
@@ -465,8 +482,6 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("options", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_every_layout_compiles_as_the_hand_loop(options):
-    if options.get("layout", "").startswith("per-block") and TORCH < (2, 13):
-        pytest.skip("torch 2.6 recompiles a per-block compiled block once more than by hand")
     expected, expected_counts = train("gpt", True, by_hand=True, **options)
     got, counts = train("gpt", True, by_hand=False, **options)
     assert expected_counts[0] == 0
@@ -533,7 +548,8 @@ def test_the_bare_ddp_module_given_while_the_loop_calls_compile_ddp_trains_as_th
         expected_reduced = list(reduced_buckets)
         got, counts = train("gpt", True, by_hand=False, layout="ddp-bare")
     breaks, graphs, recompiles = expected_counts
-    assert counts == (breaks + 1, graphs, recompiles)
+    extra = 1 if TORCH >= (2, 13) else 0  # torch 2.6's dynamo counts no break for the hook
+    assert counts == (breaks + extra, graphs, recompiles)
     assert expected_reduced and reduced_buckets == expected_reduced
     assert_same_parameters(got, expected)
 

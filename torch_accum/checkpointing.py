@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
 from torch_accum._block_choice import candidate_classes, choose_blocks
-from torch_accum._caches import CacheSwitch, without_caches
+from torch_accum._caches import CACHE_ARGUMENTS, CacheSwitch, without_caches
 from torch_accum._selective import selective_contexts, traced_selective_contexts
 
 logger = logging.getLogger(__name__)
@@ -244,6 +244,7 @@ class ActivationCheckpointing:
 
 
 _ABSENT = object()
+_CACHE_KEYWORDS = (*CACHE_ARGUMENTS, "use_cache")
 
 #: The attribute under which a block keeps its `CheckpointedForward` between `with` blocks.
 _KEPT = "_torch_accum_checkpointed_forward"
@@ -341,8 +342,12 @@ class CheckpointedForward:
         owner = self.owner
         if torch.compiler.is_compiling():
             # Traced: no log flag to set (a side effect), no identity test of dicts (the
-            # dynamo of torch 2.6 breaks the graph on it and the model would run eagerly).
-            return self._traced(args, without_caches(self.name, kwargs, log=False))
+            # dynamo of torch 2.6 breaks the graph on it and the model would run eagerly),
+            # and the block's name read only for a cache to drop: torch 2.6's dynamo guards
+            # on it when read, and the blocks of a per-block compile share this frame.
+            if any(key in kwargs for key in _CACHE_KEYWORDS):
+                kwargs = without_caches(self.name, kwargs, log=False)
+            return self._traced(args, kwargs)
         cleaned = without_caches(self.name, kwargs, log=not owner.logged_cache_drop)
         if cleaned is not kwargs:
             owner.logged_cache_drop = True
@@ -375,16 +380,28 @@ class CheckpointedForward:
         the compiled graph recomputes only what backward needs (no second running-statistics
         update), replays random ops itself and reads the inputs as they were when traced,
         exactly as it does for ``checkpoint(block, x, use_reentrant=False)`` written by hand.
+
+        The class's ``forward`` gets the block as an argument, not as a bound method of
+        its own: torch 2.6's dynamo guards on a bound method's identity, and the blocks of
+        a per-block compile, which share this frame, would each compile it once more.
         """
+        forward: Any = self.previous  # a forward set on the instance before ours, if any
+        if forward is None:
+            forward, args = _class_forward, (self.block, *args)
         if self.owner.settings.mode == "selective":
             return checkpoint(
-                self.forward,
+                forward,
                 *args,
                 use_reentrant=False,
                 context_fn=traced_selective_contexts,
                 **kwargs,
             )
-        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _class_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``block``'s ``forward`` as its class defines it."""
+    return type(block).forward(block, *args, **kwargs)
 
 
 @contextlib.contextmanager
