@@ -215,12 +215,14 @@ def cells(size: Size) -> list[Cell]:
         Cell("every=2", "cnn", 4, Checkpointing(every=2)),
         Cell("full, 3 with blocks + eval", "gpt", 4, True, blocks=3),
         Cell("full, 3 with blocks + eval", "cnn", 4, True, blocks=3),
+        Cell("full, 3 with blocks + eval, an Accumulator each", "gpt", 4, True, "fresh", 3),
         Cell("full, compiled inside the block", "gpt", 4, True, "inside"),
         Cell("full, model.compile()", "gpt", 4, True, "method"),
         Cell("full, block.compile() per block", "gpt", 4, True, "per-block"),
         Cell("full, bf16 autocast", "gpt", 4, True, "autocast"),
         Cell("full, ragged last, dynamic=False", "gpt", 4, True, "ragged"),
         Cell("full, compile(DDP(model)), 1 rank", "gpt", 4, True, "ddp"),
+        Cell("full, compile(ddp), the Accumulator given ddp", "gpt", 4, True, "ddp-bare"),
         Cell("off, compiled train_step", "gpt", 4, False, "step"),
         Cell("full, compiled train_step", "gpt", 4, True, "step"),
     ]
@@ -234,8 +236,11 @@ class Run:
     counter: Counting
     acc: Accumulator | None = None
     call: Any = None  # what the loop calls: the compiled model, or the model itself
+    renew: Callable[[], Accumulator] | None = None  # a new Accumulator for each block
 
     def open(self) -> None:
+        if self.renew is not None:
+            self.acc = self.renew()
         if self.acc is not None:
             self.acc.__enter__()
 
@@ -270,7 +275,7 @@ def hand_run(cell: Cell, size: Size, backend: str) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     k = cell.k
     net: Any = model
-    if cell.layout == "ddp":
+    if cell.layout.startswith("ddp"):
         net = DistributedDataParallel(model)
     if cell.layout == "method":
         model.compile(backend=counter)
@@ -295,9 +300,8 @@ def hand_run(cell: Cell, size: Size, backend: str) -> Run:
     def window(batches: list[Batch]) -> None:
         for index, batch in enumerate(batches):
             sync = index == len(batches) - 1
-            context = (
-                net.no_sync() if cell.layout == "ddp" and not sync else contextlib.nullcontext()
-            )
+            ddp = cell.layout.startswith("ddp")
+            context = net.no_sync() if ddp and not sync else contextlib.nullcontext()
             with context:
                 micro(batch)
         optimizer.step()
@@ -312,7 +316,7 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     policy = _resolve(cell.policy, model)
     net: Any = model
-    if cell.layout == "ddp":
+    if cell.layout.startswith("ddp"):
         net = DistributedDataParallel(model)
     if cell.layout == "method":
         model.compile(backend=counter)
@@ -321,8 +325,10 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
         run = net
     else:
         run = _compile(cell, net, counter)
-    # Under DDP the Accumulator gets the module the loop calls: the compiled one.
-    acc = Accumulator(run, optimizer, cell.k, checkpointing=policy)
+    # Under DDP the Accumulator gets the module the loop calls: the compiled one ("ddp-bare":
+    # the DDP module inside it, one graph break more).
+    given = net if cell.layout == "ddp-bare" else run
+    acc = Accumulator(given, optimizer, cell.k, checkpointing=policy)
     if cell.layout == "per-block":
         for block in model.blocks:  # type: ignore[union-attr]
             block.compile(backend=counter, fullgraph=True)
@@ -346,8 +352,15 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
             optimizer.step()
             optimizer.zero_grad()
 
+    def renew() -> Accumulator:
+        nonlocal acc
+        acc = Accumulator(given, optimizer, cell.k, checkpointing=policy)
+        return acc
+
     run_ = Run(model, window, counter, acc, call=run)
     run_.open()
+    if cell.layout == "fresh":
+        run_.renew = renew
     return run_
 
 
@@ -465,7 +478,8 @@ def main() -> None:
         "| time / hand |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    group = one_rank_group() if any(c.layout == "ddp" for c in chosen) else contextlib.nullcontext()
+    ddp = any(c.layout.startswith("ddp") for c in chosen)
+    group = one_rank_group() if ddp else contextlib.nullcontext()
     with group:
         for cell in chosen:
             row = measure(cell, size, args.backend, args.steps, args.reps)
