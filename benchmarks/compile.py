@@ -15,6 +15,12 @@ recompilations (compilations of a frame after its first); then the largest param
 difference after the same steps, and the time per micro-batch against the hand loop: the
 median over repetitions of the ratio of one window each, the two run alternately so that
 drift and background load hit both alike.
+
+The hand loop also runs a second time, and its difference from itself is printed next to
+the library's ("hand vs itself"): inductor's CPU kernels with more than one thread do not
+give the same bits from run to run (the same graphs, the same process), and after a few
+Adam steps that alone reaches 1e-5. Read the library's difference against that one; with
+``--deterministic`` (``torch.use_deterministic_algorithms(True)``) both are 0.0.
 """
 
 from __future__ import annotations
@@ -209,12 +215,14 @@ def cells(size: Size) -> list[Cell]:
         Cell("every=2", "cnn", 4, Checkpointing(every=2)),
         Cell("full, 3 with blocks + eval", "gpt", 4, True, blocks=3),
         Cell("full, 3 with blocks + eval", "cnn", 4, True, blocks=3),
+        Cell("full, 3 with blocks + eval, an Accumulator each", "gpt", 4, True, "fresh", 3),
         Cell("full, compiled inside the block", "gpt", 4, True, "inside"),
         Cell("full, model.compile()", "gpt", 4, True, "method"),
         Cell("full, block.compile() per block", "gpt", 4, True, "per-block"),
         Cell("full, bf16 autocast", "gpt", 4, True, "autocast"),
         Cell("full, ragged last, dynamic=False", "gpt", 4, True, "ragged"),
         Cell("full, compile(DDP(model)), 1 rank", "gpt", 4, True, "ddp"),
+        Cell("full, compile(ddp), the Accumulator given ddp", "gpt", 4, True, "ddp-bare"),
         Cell("off, compiled train_step", "gpt", 4, False, "step"),
         Cell("full, compiled train_step", "gpt", 4, True, "step"),
     ]
@@ -228,8 +236,11 @@ class Run:
     counter: Counting
     acc: Accumulator | None = None
     call: Any = None  # what the loop calls: the compiled model, or the model itself
+    renew: Callable[[], Accumulator] | None = None  # a new Accumulator for each block
 
     def open(self) -> None:
+        if self.renew is not None:
+            self.acc = self.renew()
         if self.acc is not None:
             self.acc.__enter__()
 
@@ -264,7 +275,7 @@ def hand_run(cell: Cell, size: Size, backend: str) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     k = cell.k
     net: Any = model
-    if cell.layout == "ddp":
+    if cell.layout.startswith("ddp"):
         net = DistributedDataParallel(model)
     if cell.layout == "method":
         model.compile(backend=counter)
@@ -289,9 +300,8 @@ def hand_run(cell: Cell, size: Size, backend: str) -> Run:
     def window(batches: list[Batch]) -> None:
         for index, batch in enumerate(batches):
             sync = index == len(batches) - 1
-            context = (
-                net.no_sync() if cell.layout == "ddp" and not sync else contextlib.nullcontext()
-            )
+            ddp = cell.layout.startswith("ddp")
+            context = net.no_sync() if ddp and not sync else contextlib.nullcontext()
             with context:
                 micro(batch)
         optimizer.step()
@@ -306,7 +316,7 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     policy = _resolve(cell.policy, model)
     net: Any = model
-    if cell.layout == "ddp":
+    if cell.layout.startswith("ddp"):
         net = DistributedDataParallel(model)
     if cell.layout == "method":
         model.compile(backend=counter)
@@ -315,8 +325,10 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
         run = net
     else:
         run = _compile(cell, net, counter)
-    # Under DDP the Accumulator gets the module the loop calls: the compiled one.
-    acc = Accumulator(run, optimizer, cell.k, checkpointing=policy)
+    # Under DDP the Accumulator gets the module the loop calls: the compiled one ("ddp-bare":
+    # the DDP module inside it, one graph break more).
+    given = net if cell.layout == "ddp-bare" else run
+    acc = Accumulator(given, optimizer, cell.k, checkpointing=policy)
     if cell.layout == "per-block":
         for block in model.blocks:  # type: ignore[union-attr]
             block.compile(backend=counter, fullgraph=True)
@@ -340,8 +352,15 @@ def library_run(cell: Cell, size: Size, backend: str) -> Run:
             optimizer.step()
             optimizer.zero_grad()
 
+    def renew() -> Accumulator:
+        nonlocal acc
+        acc = Accumulator(given, optimizer, cell.k, checkpointing=policy)
+        return acc
+
     run_ = Run(model, window, counter, acc, call=run)
     run_.open()
+    if cell.layout == "fresh":
+        run_.renew = renew
     return run_
 
 
@@ -359,13 +378,22 @@ class Row:
     library: tuple[int, int, int]
     difference: float
     ratio: float
+    spread: float  # the hand loop against a second run of itself
+
+
+def largest_difference(a: nn.Module, b: nn.Module) -> float:
+    return max(
+        (p.float() - q.float()).abs().max().item()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
 
 
 def measure(cell: Cell, size: Size, backend: str, steps: int, reps: int) -> Row:
     counts = []
     runs: list[Run] = []
     ragged = cell.layout == "ragged"
-    for make in (hand_run, library_run):
+    # The hand loop twice (its run-to-run spread), then the library.
+    for make in (hand_run, hand_run, library_run):
         torch._dynamo.reset()
         counters.clear()
         run = make(cell, size, backend)
@@ -380,10 +408,9 @@ def measure(cell: Cell, size: Size, backend: str, steps: int, reps: int) -> Row:
                     run.open()
         counts.append((graph_breaks(), run.counter.graphs, run.counter.recompiles))
         runs.append(run)
-    difference = max(
-        (a.float() - b.float()).abs().max().item()
-        for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True)
-    )
+    spread = largest_difference(runs[0].model, runs[1].model)
+    del counts[0], runs[0]
+    difference = largest_difference(runs[0].model, runs[1].model)
     ratios = []
     timing = make_batches(cell.model, size, cell.k, ragged=ragged)
     if cell.blocks > 1:
@@ -396,7 +423,8 @@ def measure(cell: Cell, size: Size, backend: str, steps: int, reps: int) -> Row:
             times[index] = time.perf_counter() - start
         ratios.append(times[1] / times[0])
     runs[1].close()
-    return Row(cell, counts[0], counts[1], difference, statistics.median(ratios) if reps else 0.0)
+    ratio = statistics.median(ratios) if reps else 0.0
+    return Row(cell, counts[0], counts[1], difference, ratio, spread)
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -422,7 +450,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="GPT blocks")
     parser.add_argument("--tokens", type=int, default=64, help="GPT tokens per sequence")
     parser.add_argument("--smoke", action="store_true", help="a tiny GPT, one row, no timing")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch.use_deterministic_algorithms(True): the same bits from run to run",
+    )
     args = parser.parse_args()
+    torch.use_deterministic_algorithms(args.deterministic)
     size = Size(gpt_width=args.width, gpt_layers=args.layers, gpt_tokens=args.tokens)
     chosen = cells(size)
     if args.smoke:
@@ -434,14 +468,18 @@ def main() -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     print(
         f"torch {torch.__version__}, {platform.machine()}, backend {args.backend}, "
+        f"{torch.get_num_threads()} threads, "
+        f"{'deterministic, ' if args.deterministic else ''}"
         f"{args.steps} steps compared, median of {args.reps} alternated windows"
     )
     print(
         "| model | checkpointing, layout | K | hand: breaks · graphs · recompiles "
-        "| torch_accum: breaks · graphs · recompiles | max param diff | time / hand |"
+        "| torch_accum: breaks · graphs · recompiles | max param diff | hand vs itself "
+        "| time / hand |"
     )
-    print("|---|---|---|---|---|---|---|")
-    group = one_rank_group() if any(c.layout == "ddp" for c in chosen) else contextlib.nullcontext()
+    print("|---|---|---|---|---|---|---|---|")
+    ddp = any(c.layout.startswith("ddp") for c in chosen)
+    group = one_rank_group() if ddp else contextlib.nullcontext()
     with group:
         for cell in chosen:
             row = measure(cell, size, args.backend, args.steps, args.reps)
@@ -450,7 +488,7 @@ def main() -> None:
             flag = "" if row.hand == row.library else " **≠**"
             print(
                 f"| {cell.model} | {cell.name} | {cell.k} | {hand} | {lib}{flag} "
-                f"| {row.difference:.1e} | {row.ratio:.3f}x |",
+                f"| {row.difference:.1e} | {row.spread:.1e} | {row.ratio:.3f}x |",
                 flush=True,
             )
 

@@ -1,5 +1,8 @@
 """Activation checkpointing: which blocks, exact results, BatchNorm, restore, bad input."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from gpt import GPT, GPTConfig
@@ -282,6 +285,29 @@ def test_state_dict_keys_unchanged_and_forward_restored_also_on_error():
         raise RuntimeError("boom")
     assert list(model.state_dict()) == keys
     assert all("forward" not in vars(block) for block in model.blocks)
+
+
+def test_a_copy_of_a_trained_model_gets_forwards_of_its_own():
+    # A block keeps its checkpointed forward for the next Accumulator (compiled graphs
+    # guard on it); copies and pickles of the model must not carry it along.
+    model = Stack(depth=3)
+    with Accumulator(model, sgd(model), 2, checkpointing=True):
+        pass
+    pickled = pickle.dumps(model)
+    assert b"torch_accum." not in pickled  # loading it needs no torch_accum module
+    assert all(
+        vars(block)["_torch_accum_checkpointed_forward"] is None
+        for block in pickle.loads(pickled).blocks
+    )
+    clone = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with Accumulator(clone, sgd(clone), 1, checkpointing=True) as acc:
+        installed = [vars(block)["forward"] for block in clone.blocks]
+        assert all(f.block is b for f, b in zip(installed, clone.blocks, strict=True))
+        acc.backward(clone(torch.randn(4, 16)).square().mean())
+    for a, b in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any((a != b).any() for a, b in zip(clone.parameters(), before, strict=True))
 
 
 # ----------------------------------------------------------------------------- with the rest

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
 from torch_accum._block_choice import candidate_classes, choose_blocks
-from torch_accum._caches import CacheSwitch, without_caches
+from torch_accum._caches import CACHE_ARGUMENTS, CacheSwitch, without_caches
 from torch_accum._selective import selective_contexts, traced_selective_contexts
 
 logger = logging.getLogger(__name__)
@@ -204,9 +204,6 @@ class ActivationCheckpointing:
         self.names = tuple(name for name, _ in self.blocks)
         self._caches = CacheSwitch(model)
         self._previous: list[tuple[nn.Module, object]] = []
-        # One forward object per block, installed again by every `with` block: a compiled
-        # model guards on the objects it traced, and new ones would recompile it per block.
-        self._forwards: dict[int, CheckpointedForward] = {}
         self.logged_cache_drop = False
 
     def install(self) -> None:
@@ -215,12 +212,7 @@ class ActivationCheckpointing:
         for name, block in self.blocks:
             previous = vars(block).get("forward", _ABSENT)
             self._previous.append((block, previous))
-            forward = self._forwards.get(id(block))
-            if forward is None or forward.shadowed is not previous:
-                forward = self._forwards[id(block)] = CheckpointedForward(
-                    block, name, self, previous
-                )
-            vars(block)["forward"] = forward
+            vars(block)["forward"] = _forward_for(block, name, self, previous)
         logger.debug(
             "checkpointing %d blocks (%s): %s",
             len(self.names),
@@ -252,6 +244,42 @@ class ActivationCheckpointing:
 
 
 _ABSENT = object()
+_CACHE_KEYWORDS = (*CACHE_ARGUMENTS, "use_cache")
+
+#: The attribute under which a block keeps its `CheckpointedForward` between `with` blocks.
+_KEPT = "_torch_accum_checkpointed_forward"
+
+
+class _Kept:
+    """Holds a block's `CheckpointedForward` on the block, for the next Accumulator too.
+
+    A compiled model guards on the identity of the ``forward`` objects it traced: new ones
+    per ``with`` block or per Accumulator would recompile it each time. Copied and pickled
+    as ``None``: a copy of the block makes a forward of its own, and loading a pickled model
+    needs no torch_accum.
+    """
+
+    __slots__ = ("forward",)
+
+    def __init__(self, forward: CheckpointedForward) -> None:
+        self.forward = forward
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(None), ()
+
+
+def _forward_for(
+    block: nn.Module, name: str, owner: ActivationCheckpointing, previous: object
+) -> CheckpointedForward:
+    """The forward ``block`` last had if it still wraps ``previous``, else a new one."""
+    kept = vars(block).get(_KEPT)
+    forward = kept.forward if isinstance(kept, _Kept) else None
+    if forward is None or forward.block is not block or forward.shadowed is not previous:
+        forward = CheckpointedForward(block, name, owner, previous)
+        vars(block)[_KEPT] = _Kept(forward)
+    else:
+        forward.name, forward.owner = name, owner
+    return forward
 
 
 def _unpatched_forward(block: nn.Module, previous: object) -> object:
@@ -314,8 +342,12 @@ class CheckpointedForward:
         owner = self.owner
         if torch.compiler.is_compiling():
             # Traced: no log flag to set (a side effect), no identity test of dicts (the
-            # dynamo of torch 2.6 breaks the graph on it and the model would run eagerly).
-            return self._traced(args, without_caches(self.name, kwargs, log=False))
+            # dynamo of torch 2.6 breaks the graph on it and the model would run eagerly),
+            # and the block's name read only for a cache to drop: torch 2.6's dynamo guards
+            # on it when read, and the blocks of a per-block compile share this frame.
+            if any(key in kwargs for key in _CACHE_KEYWORDS):
+                kwargs = without_caches(self.name, kwargs, log=False)
+            return self._traced(args, kwargs)
         cleaned = without_caches(self.name, kwargs, log=not owner.logged_cache_drop)
         if cleaned is not kwargs:
             owner.logged_cache_drop = True
@@ -348,16 +380,28 @@ class CheckpointedForward:
         the compiled graph recomputes only what backward needs (no second running-statistics
         update), replays random ops itself and reads the inputs as they were when traced,
         exactly as it does for ``checkpoint(block, x, use_reentrant=False)`` written by hand.
+
+        The class's ``forward`` gets the block as an argument, not as a bound method of
+        its own: torch 2.6's dynamo guards on a bound method's identity, and the blocks of
+        a per-block compile, which share this frame, would each compile it once more.
         """
+        forward: Any = self.previous  # a forward set on the instance before ours, if any
+        if forward is None:
+            forward, args = _class_forward, (self.block, *args)
         if self.owner.settings.mode == "selective":
             return checkpoint(
-                self.forward,
+                forward,
                 *args,
                 use_reentrant=False,
                 context_fn=traced_selective_contexts,
                 **kwargs,
             )
-        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _class_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``block``'s ``forward`` as its class defines it."""
+    return type(block).forward(block, *args, **kwargs)
 
 
 @contextlib.contextmanager

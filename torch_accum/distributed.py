@@ -175,7 +175,11 @@ class GradientSync:
                 self._forward_flags.append(flag)
                 cast(DistributedDataParallel, self.model).require_backward_grad_sync = flag
 
-        self._hook = self._caller.register_forward_pre_hook(before_forward, prepend=True)
+        # Left to eager also when the hook sits inside a compiled frame (the loop calls
+        # torch.compile(ddp) but the Accumulator got ddp): one graph break before any op,
+        # where dynamo crashed tracing the agreement (its counters and collective).
+        hook = torch.compiler.disable(before_forward)  # type: ignore[no-untyped-call]
+        self._hook = self._caller.register_forward_pre_hook(hook, prepend=True)
 
     def exit(self) -> None:
         """Restore the flags and remove the hook (runs in ``finally``)."""
