@@ -44,17 +44,14 @@ import torch.distributed as dist
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
+# The compiled hand loop's wrapper and the counting backend, shared with the tests.
+from _compiled_reference import Batch, Counting, graph_breaks, loss_of, wrap_by_hand
 from gpt import GPT, GPTConfig
 
-import torch_accum
 from torch_accum import Accumulator, Checkpointing
-from torch_accum._selective import traced_selective_contexts
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- models
@@ -117,73 +114,6 @@ def make_batches(kind: str, size: Size, count: int, ragged: bool = False) -> lis
             image = torch.randn(rows, 3, size.cnn_image, size.cnn_image, generator=generator)
             batches.append((image, torch.randint(0, 10, (rows,), generator=generator)))
     return batches
-
-
-def loss_of(model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> torch.Tensor:
-    x, y = batch
-    out = model(x)
-    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
-# ----------------------------------------------------------------------------- hand wrapping
-# The library's selective policy, passed as a user passes one: a plain function.
-SELECTIVE = traced_selective_contexts
-
-
-class HandCheckpointed(nn.Module):
-    """What users write by hand: the block run under non-reentrant checkpointing."""
-
-    def __init__(self, block: nn.Module, selective: bool) -> None:
-        super().__init__()
-        self.block = block
-        self.selective = selective
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not (self.training and torch.is_grad_enabled()):
-            return self.block(*args, **kwargs)
-        if self.selective:
-            return checkpoint(
-                self.block, *args, use_reentrant=False, context_fn=SELECTIVE, **kwargs
-            )
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
-def wrap_by_hand(model: nn.Module, policy: object) -> list[nn.Module]:
-    """Wrap the blocks ``policy`` selects, as the hand loop does; the wrappers."""
-    settings = torch_accum.checkpointing.as_checkpointing(policy)
-    blocks = model.blocks  # type: ignore[union-attr]
-    chosen = range(0, len(blocks), settings.every)
-    for index in chosen:
-        blocks[index] = HandCheckpointed(blocks[index], settings.mode == "selective")
-    return [blocks[index] for index in chosen]
-
-
-# ----------------------------------------------------------------------------- counting
-class Counting:
-    """A backend that counts the graphs it gets and the recompilations among them."""
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.graphs = 0
-        self.compiles: set[tuple[Any, ...]] = set()
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        from torch._dynamo.backends.registry import lookup_backend
-        from torch._guards import CompileContext
-
-        self.graphs += 1
-        compile_id = CompileContext.current_compile_id()
-        if compile_id is not None:
-            self.compiles.add((compile_id.frame_id, compile_id.frame_compile_id))
-        return lookup_backend(self.backend)(gm, example_inputs)
-
-    @property
-    def recompiles(self) -> int:
-        return sum(1 for _, frame_compile_id in self.compiles if frame_compile_id)
-
-
-def graph_breaks() -> int:
-    return sum(counters["graph_break"].values())
 
 
 # ----------------------------------------------------------------------------- the cells

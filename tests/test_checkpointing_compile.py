@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,17 +26,17 @@ from gpt import GPT, GPTConfig
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
 from torch_accum import Accumulator, Checkpointing
-from torch_accum._selective import traced_selective_contexts
-from torch_accum.checkpointing import as_checkpointing
+
+# The compiled hand-written loop the library is held to: one copy, with the benchmark's.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _compiled_reference import Batch, Counting, graph_breaks, loss_of, wrap_by_hand
 
 pytestmark = pytest.mark.skipif(
     not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here"
 )
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 K = 2
 TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -115,74 +116,8 @@ def make_batches(kind: str, count: int, ragged: bool = False) -> list[Batch]:
     return batches
 
 
-def loss_of(model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> torch.Tensor:
-    x, y = batch
-    out = model(x)
-    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
-# ----------------------------------------------------------------------------- by hand
-# The library's selective policy, passed as a user passes one: a plain function.
-SELECTIVE = traced_selective_contexts
-
-
-class HandCheckpointed(nn.Module):
-    """A block wrapped for checkpointing by hand, as users (and torchtitan) do."""
-
-    def __init__(self, block: nn.Module, selective: bool) -> None:
-        super().__init__()
-        self.block = block
-        self.selective = selective
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not (self.training and torch.is_grad_enabled()):
-            return self.block(*args, **kwargs)
-        if self.selective:
-            return checkpoint(
-                self.block, *args, use_reentrant=False, context_fn=SELECTIVE, **kwargs
-            )
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
-def wrap_by_hand(model: nn.Module, policy: object) -> list[nn.Module]:
-    settings = as_checkpointing(policy)
-    blocks = model.blocks
-    chosen = range(0, len(blocks), settings.every)
-    for index in chosen:
-        blocks[index] = HandCheckpointed(blocks[index], settings.mode == "selective")
-    return [blocks[index] for index in chosen]
-
-
 #: The code of the graphs handed to the backend in the last `train`, in order.
 traced_graphs: list[str] = []
-
-
-class Counting:
-    """A backend that counts the graphs it compiles and the recompilations among them."""
-
-    def __init__(self, backend: str = "aot_eager") -> None:
-        self.backend = backend
-        self.graphs = 0
-        self.compiles: set[tuple[Any, ...]] = set()
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        from torch._dynamo.backends.registry import lookup_backend
-        from torch._guards import CompileContext
-
-        self.graphs += 1
-        traced_graphs.append(gm.code)
-        compile_id = CompileContext.current_compile_id()
-        if compile_id is not None:
-            self.compiles.add((compile_id.frame_id, compile_id.frame_compile_id))
-        return lookup_backend(self.backend)(gm, example_inputs)
-
-    @property
-    def recompiles(self) -> int:
-        return sum(1 for _, frame_compile_id in self.compiles if frame_compile_id)
-
-
-def graph_breaks() -> int:
-    return sum(counters["graph_break"].values())
 
 
 def train(
@@ -206,7 +141,7 @@ def train(
     counters.clear()
     traced_graphs.clear()
     model = make_model(kind, dropout)
-    counter = Counting(backend)
+    counter = Counting(backend, codes=traced_graphs)
     if policy == "callable":
         chosen = list(model.blocks)
         policy = lambda module: any(module is block for block in chosen)  # noqa: E731
