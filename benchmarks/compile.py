@@ -31,16 +31,14 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
-import torch.distributed as dist
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
@@ -48,7 +46,14 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 # The compiled hand loop's wrapper and the counting backend, shared with the tests.
-from _compiled_reference import Batch, Counting, graph_breaks, loss_of, wrap_by_hand
+from _compiled_reference import (
+    Batch,
+    Counting,
+    graph_breaks,
+    loss_of,
+    one_rank_group,
+    wrap_by_hand,
+)
 from gpt import GPT, GPTConfig
 
 from torch_accum import Accumulator, Checkpointing
@@ -358,16 +363,6 @@ def measure(cell: Cell, size: Size, backend: str, steps: int, reps: int) -> Row:
 
 
 # ----------------------------------------------------------------------------- DDP
-@contextlib.contextmanager
-def one_rank_group() -> Iterator[None]:
-    with tempfile.TemporaryDirectory() as folder:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=0, world_size=1
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 def main() -> None:

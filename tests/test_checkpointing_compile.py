@@ -10,11 +10,8 @@ backend, and it compiles in a fraction of inductor's time); one test runs induct
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,14 @@ from torch_accum import Accumulator, Checkpointing
 
 # The compiled hand-written loop the library is held to: one copy, with the benchmark's.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _compiled_reference import Batch, Counting, graph_breaks, loss_of, wrap_by_hand
+from _compiled_reference import (
+    Batch,
+    Counting,
+    graph_breaks,
+    loss_of,
+    one_rank_group,
+    wrap_by_hand,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here"
@@ -437,18 +441,6 @@ def test_a_compiled_step_calling_acc_backward_breaks_once_as_one_calling_loss_ba
     assert expected_counts == (1, 1, 0)
     assert counts == expected_counts
     assert_same_parameters(got, expected)
-
-
-@contextlib.contextmanager
-def one_rank_group() -> Iterator[None]:
-    with tempfile.TemporaryDirectory() as folder:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=0, world_size=1
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 #: The buckets DDP all-reduced in the last `train` with a DDP layout.
