@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from torch_accum import Accumulator, Checkpointing, Plan, autofit, measure_activation_memory
 from torch_accum.checkpointing import ActivationCheckpointing
-from torch_accum.planner import _Search
+from torch_accum.planner import _is_compiled, _policies, _RunDeadline, _Search
 
 CONFIG = GPTConfig(vocab_size=64, context=16, width=32, heads=4, layers=4)
 BATCH = 24
@@ -122,7 +123,7 @@ def test_a_smaller_micro_batch_must_be_clearly_faster_to_be_chosen(monkeypatch):
     # down on such a gain costs a timing per step and gains nothing.
     samples_per_second = {24: 100.0, 12: 101.0, 8: 150.0}
 
-    def speed(self, policy, size, runs=1):
+    def speed(self, policy, size, runs=1, at_least=0.0):
         self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
         self.seconds[policy, size] = size / samples_per_second.get(size, 1.0)
         self.speeds[policy, size] = samples_per_second.get(size, 1.0)
@@ -139,20 +140,115 @@ def test_a_smaller_micro_batch_must_be_clearly_faster_to_be_chosen(monkeypatch):
     assert plan.micro_batch_size == 8
 
 
-def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeypatch):
+class Ticks:
+    """A clock that moves one second each time it is read: runs last as many reads as they make."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return float(self.reads)
+
+
+def test_a_timed_run_stops_once_it_cannot_be_as_fast_as_it_must_and_leaves_no_trace():
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    clock = Ticks()
+    search = _Search(model, batch, BATCH, loss_of(model), torch.device("cpu"), 2, None, clock)
+    (off,) = _policies(model, [False])
+    blocks = list(model.blocks)
+    search.run_deadline = _RunDeadline(blocks, clock)
+    # With no speed to reach, a run reads the clock at its start and end only.
+    assert search.speed(off, 8) == 8.0
+    # With one, also where each block starts and ends its forward and where backward
+    # reaches each block's output.
+    whole = 3 * len(blocks) + 2
+    before = clock.reads
+    assert search.speed(off, 6, at_least=0.01) == pytest.approx(6 / (whole - 1))
+    assert clock.reads - before == whole
+    # One that must reach 4 samples in 5 ticks stops at the first read past them, in the
+    # forward of the third block.
+    slow = (off, 4)
+    before = clock.reads
+    assert search.speed(*slow, at_least=4 / 5) == 0.0
+    assert clock.reads - before == 1 + 5 + 1
+    assert search.slower_than == {slow: 4 / 5} and slow not in search.speeds
+    # Stopped in the backward: forward complete, then 2 of the 4 blocks' outputs reached.
+    assert search.speed(off, 2, at_least=2 / (2 * len(blocks) + 2)) == 0.0
+    # Known to be slower: asking for as much again or more runs nothing.
+    before = clock.reads
+    assert search.speed(*slow, at_least=1.0) == 0.0
+    assert clock.reads == before
+    # Asking for less runs it again, and this run completes.
+    assert search.speed(*slow, at_least=0.1) > 0.1 and slow not in search.slower_than
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in blocks)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_runs_never_stop_for_ranks_in_lockstep_or_a_compiled_model():
+    # Ranks must run the same forwards (FSDP2 all-gathers in them), and hooks added to a
+    # compiled module would recompile it inside the timing.
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    search = _Search(model, batch, BATCH, loss_of(model), torch.device("cpu"), 2, lambda v: [v])
+    search.run(_policies(model, [False]), [BATCH], 10**9, BATCH)
+    assert search.run_deadline is None
+    search.untouched.restore()
+    assert _is_compiled(torch.compile(model))
+    assert not _is_compiled(model)
+    model.blocks[1].compile()  # compiles its calls in place
+    assert _is_compiled(model)
+
+
+class Sleeper(nn.Module):
+    """A block whose forward takes 2 ms a sample: recomputing it costs as much again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.002 * x.shape[0])
+        return torch.tanh(self.linear(x)) * 2
+
+
+def test_a_large_micro_batch_that_cannot_win_is_stopped_short_and_shown_as_stopped():
+    model = nn.Sequential(*[Sleeper() for _ in range(4)])
+    x = torch.randn(24, 16)
+
+    def compute_loss(micro):
+        return model(micro).pow(2).mean()
+
+    whole = measure_activation_memory(lambda: compute_loss(x), parameters=model.parameters())
+    model.zero_grad(set_to_none=True)
+    plan = autofit(model, x, compute_loss, memory_budget=whole.peak // 4, policies=[False, True])
+    # Full checkpointing fits a larger micro-batch but runs at half the speed: its run
+    # stops about half way, when it can no longer come within 5% of the fastest.
+    assert plan.checkpointing is False
+    (full,) = [c for c in plan.candidates if c.label == "full"]
+    assert full.micro_batch_size > plan.micro_batch_size
+    assert full.samples_per_second is None and full.status.startswith("stopped under")
+    assert "stopped under" in plan.table()
+
+
+def test_only_candidates_within_5_percent_behind_the_fastest_are_timed_again(monkeypatch):
     # A second run can only make a candidate faster (the fastest run counts): one more
-    # than 5% behind would need a first run disturbed by that much to win.
+    # than 5% behind would need a first run disturbed by that much to win, and the fastest
+    # needs no second run to stay ahead.
     samples_per_second = {"off": 100.0, "every 4th": 96.0, "every 2nd": 94.0, "full": 97.0}
+    after_second_run = {}
     runs_asked = {}
 
     seconds_per_run = {"off": 0.1, "every 4th": 0.1, "every 2nd": 0.1, "full": 0.1}
 
-    def speed(self, policy, size, runs=1):
+    def speed(self, policy, size, runs=1, at_least=0.0):
         runs_asked[policy.label] = max(runs, runs_asked.get(policy.label, 0))
         self.runs[policy, size] = max(runs, self.runs.get((policy, size), 0))
         self.seconds[policy, size] = seconds_per_run[policy.label]
-        self.speeds[policy, size] = samples_per_second[policy.label] if size > 1 else 1.0
-        return self.speeds[policy, size]
+        speeds = after_second_run if self.runs[policy, size] > 1 else samples_per_second
+        self.speeds[policy, size] = speeds.get(policy.label, samples_per_second[policy.label])
+        return self.speeds[policy, size] if size > 1 else 1.0
 
     monkeypatch.setattr("torch_accum.planner._Search.speed", speed)
     # Each policy's line puts its largest fitting size above the one recomputing less,
@@ -168,12 +264,19 @@ def test_only_candidates_within_5_percent_of_the_fastest_are_timed_again(monkeyp
     policies = [False, Checkpointing(every=4), Checkpointing(every=2), True]
     plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
     assert plan.label == "off"
-    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 2}
+    assert runs_asked == {"off": 1, "every 4th": 2, "every 2nd": 1, "full": 2}
     # A run of half a second or more is not repeated: one long run averages out disturbances.
     runs_asked.clear()
     seconds_per_run["full"] = 0.5
     plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
-    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 1}
+    assert runs_asked == {"off": 1, "every 4th": 2, "every 2nd": 1, "full": 1}
+    # One that overtakes the fastest in its second run leaves it behind: it runs again.
+    runs_asked.clear()
+    seconds_per_run["full"] = 0.1
+    after_second_run["full"] = 102.0
+    plan = autofit(model, batch, loss_of(model), memory_budget=10**9, policies=policies)
+    assert plan.label == "full"
+    assert runs_asked == {"off": 2, "every 4th": 2, "every 2nd": 1, "full": 2}
 
 
 class NormBlock(nn.Module):
@@ -223,7 +326,8 @@ def test_planning_leaves_parameters_buffers_gradients_optimizer_and_rng_untouche
 
     plan = autofit(model, (x, y), compute_loss, memory_budget=int(0.3 * whole.peak))
 
-    assert len([c for c in plan.candidates if c.samples_per_second is not None]) >= 2
+    ran = [c for c in plan.candidates if c.status in ("chosen", "timed") or "stopped" in c.status]
+    assert len(ran) >= 2
     exact = {"rtol": 0, "atol": 0}
     torch.testing.assert_close([p.detach() for p in model.parameters()], params, **exact)
     torch.testing.assert_close(list(model.buffers()), buffers, **exact)

@@ -35,11 +35,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -56,7 +58,7 @@ from torch_accum.checkpointing import (
     as_checkpointing,
 )
 from torch_accum.distributed import Step
-from torch_accum.memory import measure_activation_memory
+from torch_accum.memory import _tensors_in, measure_activation_memory
 from torch_accum.microbatch import MicroBatchSize, batch_size_of
 
 if TYPE_CHECKING:
@@ -87,12 +89,15 @@ class Candidate:
     ``predicted_peak`` comes from the two measured probes of the policy (bytes, linear in
     the micro-batch size; None when the policy was not probed: a policy that recomputes
     less already fits the largest size); ``measured_peak`` is measured at this size (None
-    when it was not); ``samples_per_second`` is the measured forward and backward throughput of one
-    micro-batch of this size (None when it was not timed); ``status`` says what the
-    planner did with it: ``"chosen"``, ``"timed"``, ``"dominated by <label>"`` (another
-    policy recomputes less and fits a micro-batch as large), ``"over budget"``
-    (predicted), ``"over budget (measured)"``, ``"allocator retries"`` (CUDA: timing it
-    made the allocator free its cache and retry, so it counts as 0 samples/s).
+    when it was not); ``samples_per_second`` is the measured forward and backward
+    throughput of one micro-batch of this size (None when it was not timed, or its run was
+    stopped); ``status`` says what the planner did with it: ``"chosen"``, ``"timed"``,
+    ``"stopped under <n> samples/s"`` (its run was stopped once it could no longer come
+    within 5% of the fastest, or, a smaller size of the fastest policy, be 2% faster than
+    it), ``"dominated by <label>"`` (another policy recomputes less and fits a micro-batch
+    as large), ``"over budget"`` (predicted), ``"over budget (measured)"``, ``"allocator
+    retries"`` (CUDA: timing it made the allocator free its cache and retry, so it counts
+    as 0 samples/s).
     """
 
     label: str
@@ -658,6 +663,68 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class _TooSlow(Exception):
+    """A timed run went past its deadline: it cannot be as fast as it had to be."""
+
+
+class _RunDeadline:
+    """Stops a timed forward and backward once the clock passes a deadline.
+
+    A candidate timed after a faster one only has to show that it cannot come close: its
+    run stops where it passes the time the faster one would allow (full checkpointing
+    of the GPT at the whole batch took 2 s to lose by 18%). The clock is read where the
+    model's blocks start and end their forward and where backward reaches their outputs;
+    an exception leaves the run there, and the next run starts from clean gradients.
+    """
+
+    def __init__(self, modules: list[nn.Module], clock: Callable[[], float]) -> None:
+        self.modules = modules
+        self.clock = clock
+        self.deadline = math.inf
+
+    @contextmanager
+    def stopping_at(self, deadline: float) -> Iterator[None]:
+        if deadline == math.inf or not self.modules:
+            yield
+            return
+        self.deadline = deadline
+        handles = []
+        try:
+            for module in self.modules:
+                handles.append(module.register_forward_pre_hook(self._check))
+                handles.append(module.register_forward_hook(self._check_in_backward))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.deadline = math.inf
+
+    def _check(self, *_: object) -> None:
+        if self.clock() > self.deadline:
+            raise _TooSlow
+
+    def _check_in_backward(self, module: nn.Module, args: object, output: object) -> None:
+        self._check()
+        for tensor in _tensors_in(output):
+            if tensor.requires_grad:
+                tensor.register_hook(self._check)  # type: ignore[no-untyped-call]
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether torch.compile wraps the model or one of its modules (hooks would recompile)."""
+    return hasattr(model, "_orig_mod") or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
+    )
+
+
+def _watched_modules(model: nn.Module, policies: list[_Policy]) -> list[nn.Module]:
+    """Where a timed run reads the clock: the blocks the policies checkpoint, else the children."""
+    names = sorted(set().union(*(p.blocks for p in policies)))
+    if not names:
+        return list(model.children())
+    return [model.get_submodule(name) for name in names]
+
+
 class _Search:
     """The measurements of one planning run, and the decisions taken from them."""
 
@@ -690,6 +757,10 @@ class _Search:
         self.checkpointing: dict[_Policy, ActivationCheckpointing] = {}
         self.untouched = _Untouched(model)
         self.one_sample_trains = True  # until a probe of one sample says otherwise
+        # Candidates whose timed run was stopped: under this many samples/s.
+        self.slower_than: dict[tuple[_Policy, int], float] = {}
+        # Set by run(): None where runs must not stop early (ranks in lockstep, compiled).
+        self.run_deadline: _RunDeadline | None = None
 
     # -------------------------------------------------------------- measurements
     def _agreed(self, value: float) -> float:
@@ -734,7 +805,7 @@ class _Search:
             self.peaks[policy, size] = int(self._agreed(self._with_policy(policy, measure)))
         return self.peaks[policy, size]
 
-    def speed(self, policy: _Policy, size: int, runs: int = 1) -> float:
+    def speed(self, policy: _Policy, size: int, runs: int = 1, at_least: float = 0.0) -> float:
         """Samples/s of one micro-batch's forward and backward: the fastest of ``runs`` runs.
 
         Runs add up: asking again with more runs only runs the missing ones. The first
@@ -742,14 +813,24 @@ class _Search:
         small micro-batches are cheap to time again, and the fastest of several is the
         least disturbed by other processes. Ranks in lockstep run the same count (FSDP2
         gathers parameters in every forward): it is computed from the agreed time.
+
+        ``at_least``: the samples/s that matter. A run is stopped once it has taken longer
+        than that allows (in one process, on a model not compiled); a candidate none of
+        whose runs finished returns 0.0 and is recorded in ``slower_than``.
         """
         key = (policy, size)
         done = self.runs.get(key, 0)
         if done >= runs:
             return self.speeds[key]
+        known_slower = self.slower_than.get(key)
+        if done == 0 and known_slower is not None and known_slower <= at_least:
+            return 0.0
         micro = _resized(self.batch, size, self.available)
+        limit = size / at_least if at_least > 0 and self.run_deadline is not None else math.inf
+        stopped = False
 
         def timed(count: int) -> float:
+            nonlocal stopped
             best = math.inf
             if self.peaks.get(key, 0) >= _OUT_OF_MEMORY:
                 return best
@@ -759,8 +840,12 @@ class _Search:
                 self._synchronize()
                 start = self.clock()
                 try:
-                    self.compute_loss(micro).backward()  # type: ignore[no-untyped-call]
+                    with self._stopping_at(start + limit):
+                        self.compute_loss(micro).backward()  # type: ignore[no-untyped-call]
                     self._synchronize()
+                except _TooSlow:
+                    stopped = True
+                    continue
                 except torch.OutOfMemoryError:  # CUDA: this candidate cannot run
                     _release_cached_memory()
                     return math.inf
@@ -775,6 +860,12 @@ class _Search:
 
         count = runs - done
         seconds = self._agreed(self._with_policy(policy, lambda: timed(count)))
+        if done == 0 and seconds == math.inf and stopped:
+            logger.info(
+                "autofit: %s at %d stopped: under %.1f samples/s", policy.label, size, at_least
+            )
+            self.slower_than[key] = at_least
+            return 0.0
         if done == 0 and seconds > 0 and seconds * count < 0.25:
             more = min(20, math.ceil(0.25 / seconds)) - count
             if more > 0:
@@ -784,7 +875,13 @@ class _Search:
         self.runs[key] = done + count
         self.seconds[key] = seconds
         self.speeds[key] = size / max(seconds, 1e-9)
+        self.slower_than.pop(key, None)
         return self.speeds[key]
+
+    def _stopping_at(self, deadline: float) -> contextlib.AbstractContextManager[None]:
+        if self.run_deadline is None:
+            return contextlib.nullcontext()
+        return self.run_deadline.stopping_at(deadline)
 
     def forget_timing(self, policy: _Policy, size: int) -> None:
         for measured in (self.runs, self.seconds, self.speeds):
@@ -844,6 +941,8 @@ class _Search:
     def run(
         self, policies: list[_Policy], sizes: list[int], budget: int, total: int
     ) -> tuple[_Policy, int]:
+        if self.gather is None and not _is_compiled(self.model):
+            self.run_deadline = _RunDeadline(_watched_modules(self.model, policies), self.clock)
         largest: dict[_Policy, int | None] = {}
         for policy in policies:
             # A policy is probed only if it might hold a larger micro-batch than every
@@ -934,12 +1033,17 @@ class _Search:
         budget: int,
         largest: dict[_Policy, int | None],
     ) -> tuple[_Policy, int] | None:
+        # The cheapest first (smallest micro-batch): once the fastest so far is known, a
+        # slower candidate's run stops where it falls more than 5% behind it, so the long
+        # runs of large micro-batches that cannot win are cut short.
         timed: list[tuple[_Policy, int]] = []
-        for policy in frontier:
-            size = largest[policy]
-            if size is not None:
-                self.speed(policy, size)
+        fastest = 0.0
+        for policy in sorted(frontier, key=lambda p: cast(int, largest[p])):
+            size = cast(int, largest[policy])
+            speed = self.speed(policy, size, at_least=_CONTENDER * fastest)
+            if (policy, size) in self.speeds:
                 timed.append((policy, size))
+                fastest = max(fastest, speed)
         if not timed:
             return None
         policy, size = max(timed, key=lambda t: self.speeds[t])
@@ -949,19 +1053,12 @@ class _Search:
         # time, and each step down costs a timing; a gain within the margin is not worth it.
         for smaller in (s for s in sizes if s < size):
             current = self.speeds[policy, size]
-            if self.speed(policy, smaller) <= _WALK_DOWN_GAIN * current and current > 0:
+            faster = self.speed(policy, smaller, at_least=_WALK_DOWN_GAIN * current)
+            if current > 0 and faster <= _WALK_DOWN_GAIN * current:
                 break
             size = smaller
             timed.append((policy, size))
-        # One run each so far; when others come within 5% of the fastest, these
-        # contenders get the rest of their runs (a disturbed run only makes a candidate
-        # look slower), then the fastest of them wins. Further apart, the slower one would
-        # have to have been disturbed by more than 5% to be the faster.
-        fastest = self.speeds[policy, size]
-        contenders = [key for key in timed if self.speeds[key] >= _CONTENDER * fastest]
-        for key in contenders if len(contenders) > 1 else []:
-            if self.seconds[key] * self.runs[key] < _TIMED_ENOUGH:
-                self.speed(*key, runs=self.repeats)
+        self._time_contenders_again(timed)
         policy, size = max(timed, key=lambda t: self.speeds[t])
         # Measured, not predicted, before it is chosen.
         if self.peak(policy, size) <= budget:
@@ -979,6 +1076,31 @@ class _Search:
         largest[policy] = fits
         return None if fits is None else self._fastest(frontier, sizes, budget, largest)
 
+    def _time_contenders_again(self, timed: list[tuple[_Policy, int]]) -> None:
+        """More runs for the candidates within 5% behind the fastest, until none is left.
+
+        One run each so far, and a disturbed run only makes a candidate look slower: one
+        within 5% may be the faster, one further behind would have to have been disturbed
+        by more than that. The fastest needs no second run to stay ahead; once another
+        overtakes it, it is the one behind and gets its runs too. A run of half a second
+        or more is not repeated (it averages out short disturbances), and a run again
+        stops once it falls behind the fastest.
+        """
+        while True:
+            fastest = max(timed, key=lambda t: self.speeds[t])
+            behind = [
+                key
+                for key in dict.fromkeys(timed)
+                if key != fastest
+                and self.speeds[key] >= _CONTENDER * self.speeds[fastest]
+                and self.runs[key] < self.repeats
+                and self.seconds[key] * self.runs[key] < _TIMED_ENOUGH
+            ]
+            if not behind:
+                return
+            for key in behind:
+                self.speed(*key, runs=self.repeats, at_least=self.speeds[fastest])
+
     def table(
         self,
         policies: list[_Policy],
@@ -989,7 +1111,9 @@ class _Search:
     ) -> list[Candidate]:
         rows: list[Candidate] = []
         for policy in policies:
-            timed_sizes = sorted({s for p, s in self.speeds if p is policy}, reverse=True)
+            timed_sizes = sorted(
+                {s for p, s in [*self.speeds, *self.slower_than] if p is policy}, reverse=True
+            )
             probed = policy in self.lines
             fitting = self.largest_fitting(policy, sizes, budget) if probed else sizes[0]
             shown = timed_sizes or [fitting or sizes[-1]]
@@ -1003,6 +1127,8 @@ class _Search:
                     status = "over budget (measured)"
                 elif key in self.speeds:
                     status = "timed"
+                elif key in self.slower_than:
+                    status = f"stopped under {self.slower_than[key]:.1f} samples/s"
                 elif policy in self.dominated:
                     status = f"dominated by {self.dominated[policy].label}"
                 else:
