@@ -1051,9 +1051,14 @@ class _Search:
         # walk down this policy's sizes while that gets clearly faster (or this one cannot
         # run). Timing noise alone makes a smaller size look a little faster about half the
         # time, and each step down costs a timing; a gain within the margin is not worth it.
+        # A gain against a single run is checked against a second one (the first timed run
+        # of a planning session is often the slowest: the allocator's first large blocks).
         for smaller in (s for s in sizes if s < size):
             current = self.speeds[policy, size]
             faster = self.speed(policy, smaller, at_least=_WALK_DOWN_GAIN * current)
+            if current > 0 and faster > _WALK_DOWN_GAIN * current:
+                runs = max(self.repeats, self.runs[policy, size])
+                current = self.speed(policy, size, runs, at_least=faster / _WALK_DOWN_GAIN)
             if current > 0 and faster <= _WALK_DOWN_GAIN * current:
                 break
             size = smaller
