@@ -84,12 +84,28 @@ def resnet_case(
 
 
 def run_case(
-    name: str, model: nn.Module, batch: Any, compute_loss: Callable[[Any], Any], total: int
+    name: str,
+    model: nn.Module,
+    batch: Any,
+    compute_loss: Callable[[Any], Any],
+    total: int,
+    *,
+    device: torch.device | None = None,
+    clock: Callable[[], float] = time.process_time,
+    fractions: tuple[float, ...] = FRACTIONS,
+    rounds: int = 5,
+    plot: str | None = None,
 ) -> list[dict[str, Any]]:
+    """The grid, then a plan at each budget, judged side by side: a row per budget.
+
+    ``device`` is the model's (on CUDA the peaks are the allocator's and runs synchronize);
+    each row keeps the `Plan` under ``"chosen_plan"``.
+    """
     print(f"\n== {name}, effective batch {total}", flush=True)
+    device = device or torch.device("cpu")
     policies = _policies(model, DEFAULT_POLICIES)
     sizes = _candidate_sizes(total, "balanced", None)
-    grid = _Search(model, batch, total, compute_loss, torch.device("cpu"), 2, None, CLOCK)
+    grid = _Search(model, batch, total, compute_loss, device, 2, None, clock)
     try:
         started = clocks()
         peaks = {(p, s): grid.peak(p, s) for p in policies for s in sizes}
@@ -107,7 +123,8 @@ def run_case(
     full = next(p for p in policies if p.label == "full")
     whole = peaks[off, total]
     rows = []
-    for fraction in FRACTIONS:
+    last_plan = None
+    for fraction in fractions:
         budget = int(fraction * whole)
         fitting = [key for key, peak in peaks.items() if peak <= budget]
         grid_wall = peak_seconds[0] + sum(timing_seconds[key][0] for key in fitting)
@@ -115,7 +132,7 @@ def run_case(
         best = max(fitting, key=lambda key: speeds[key])
         started = clocks()
         plan = autofit(
-            model, batch, compute_loss, memory_budget=budget, effective_batch=total, clock=CLOCK
+            model, batch, compute_loss, memory_budget=budget, effective_batch=total, clock=clock
         )
         planning_wall, planning_cpu = since(started)
         chosen = next(
@@ -130,7 +147,9 @@ def run_case(
             compute_loss,
             total,
             [chosen, best, largest_off, largest_full],
-            rounds=2 if ARGS.smoke else 5,
+            device,
+            clock,
+            rounds,
         )
 
         def speed_of(key: tuple[Any, int] | None, judged: dict[Any, float] = judged) -> str:
@@ -139,6 +158,8 @@ def run_case(
         row = {
             "model": name,
             "fraction": fraction,
+            "budget": budget,
+            "chosen_plan": plan,
             "budget_mib": budget / 2**20,
             "plan": f"{plan.label}, {plan.micro_batch_size} x {plan.accumulation_steps}",
             "plan_peak_mib": plan.measured_peak / 2**20,
@@ -161,15 +182,15 @@ def run_case(
             f"{grid_wall:.1f} s of wall time)",
             flush=True,
         )
-        if fraction == FRACTIONS[1]:
+        if fraction == fractions[min(1, len(fractions) - 1)]:
             print(plan.table())
             last_plan = plan
-    if ARGS.plot:
+    if plot and last_plan is not None:
         try:
             import matplotlib
 
             matplotlib.use("Agg")
-            path = Path(ARGS.plot.replace("{model}", name.split()[0].lower().rstrip(",")))
+            path = Path(plot.replace("{model}", name.split()[0].lower().rstrip(",")))
             last_plan.plot(path)
             print(f"plot: {path}")
         except ImportError:
@@ -193,11 +214,13 @@ def judge(
     compute_loss: Callable[[Any], Any],
     total: int,
     keys: list[tuple[Any, int] | None],
+    device: torch.device,
+    clock: Callable[[], float],
     rounds: int = 5,
 ) -> dict[tuple[Any, int], float]:
     """Samples/s of each candidate: the best of ``rounds`` rounds that time them in turn."""
     found = list(dict.fromkeys(key for key in keys if key is not None))
-    timer = _Search(model, batch, total, compute_loss, torch.device("cpu"), 1, None, CLOCK)
+    timer = _Search(model, batch, total, compute_loss, device, 1, None, clock)
     best = dict.fromkeys(found, 0.0)
     try:
         for _ in range(rounds):
@@ -232,7 +255,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ARGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs (minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT only (seconds)")
@@ -245,10 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         help="time runs in CPU seconds of this process (default: steady on a shared CPU) or wall",
     )
     parser.add_argument("--plot", default=None, help="save the 35%% budget's plot, {model} filled")
-    args = ARGS = parser.parse_args(argv)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     args.width, args.context, args.batch, args.image_size = 256, 64, 32, 96
     if args.quick:
         args.context, args.batch, args.image_size = 32, 24, 64
@@ -258,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, torch_accum {torch_accum.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} thread(s), {args.clock} clock"
     )
-    rows = [] if args.model == "resnet" else run_case(*gpt_case(args), total=args.batch)
+    options = {"clock": clock, "rounds": 2 if args.smoke else 5, "plot": args.plot}
+    rows = [] if args.model == "resnet" else run_case(*gpt_case(args), args.batch, **options)
     if not args.smoke and args.model != "gpt":
         resnet = resnet_case(args)
         if resnet is not None:
-            rows += run_case(*resnet, total=args.batch)
+            rows += run_case(*resnet, args.batch, **options)
     print()
     print(markdown(rows))
     ok = all(r["ratio"] >= 0.95 and r["plan_fits"] for r in rows)
@@ -271,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"planning <= 10% of the grid's CPU time everywhere: {cheap}")
     return 0
 
-
-ARGS: argparse.Namespace
-CLOCK: Callable[[], float] = time.process_time
 
 if __name__ == "__main__":
     raise SystemExit(main())

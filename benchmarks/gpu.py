@@ -1,6 +1,6 @@
 """One GPU acceptance run: every CUDA claim of torch_accum measured by one command.
 
-    pip install --no-deps -e . && python benchmarks/gpu.py --out gpu-results  # <= 6 min, H100
+    pip install --no-deps -e . && python benchmarks/gpu.py --out gpu-results  # <= 7 min, H100
     python benchmarks/gpu.py --smoke --out /tmp/gpu-smoke  # CPU, tiny sizes; the tests run it
 
 Writes ``gpu.json`` and ``gpu.md`` into ``--out``, again after every section, so that a run
@@ -18,6 +18,10 @@ loop written by hand, in the same process, and checks its targets (pass / FAIL /
   the unconstrained hand loop, measure_activation_memory against the CUDA allocator.
 - overhead: CUDA-event times against the hand loop, small and medium GPT, K = 1, 4, 8.
 - compile: torch.compile with and without checkpointing against the compiled hand loop.
+- autofit: ``benchmarks/autofit.py``'s grid and plans for a GPT at 20%, 50% and 100% of
+  the whole batch's peak (the allocator's ``max_memory_allocated`` on CUDA), then training
+  with each plan: its micro-batch peak against the budget, out-of-memory errors and
+  allocator retries (``num_alloc_retries``), plan against the grid's best.
 
 ``--smoke`` runs the same code on the CPU at tiny sizes. What needs CUDA is replaced and
 the replacement named in the section's notes (the memory meter for the allocator, a
@@ -70,10 +74,11 @@ from gpt import GPT, GPTConfig  # noqa: E402
 
 import torch_accum  # noqa: E402
 from torch_accum import Accumulator, Checkpointing  # noqa: E402
+from torch_accum.checkpointing import ActivationCheckpointing  # noqa: E402
 
 PACKAGE = str(Path(torch_accum.__file__).parent)
 HAS_ACCUMULATION_DTYPE = "accumulation_dtype" in inspect.signature(Accumulator).parameters
-TOTAL_BUDGET_S = 330.0  # the sections' share of the issue's 6 minutes
+TOTAL_BUDGET_S = 390.0  # the sections' share of issue 27's 6 minutes, + 1 for autofit (26)
 SMALL = {  # by ctx.smoke
     False: GPTConfig(context=128, width=256, heads=4, layers=4),
     True: GPTConfig(context=8, width=16, heads=2, layers=2),
@@ -626,6 +631,115 @@ def section_fits(ctx: Context, sec: Section) -> None:
         ctx.gpu_target(sec, name, gap, "within 5%", gap is not None and gap <= 0.05)
 
 
+# ---------------------------------------------------------------------------- autofit
+def section_autofit(ctx: Context, sec: Section) -> None:
+    """benchmarks/autofit.py on the device, then training with each plan under its budget."""
+    import autofit as autofit_bench
+
+    width, context, total = ctx.size((512, 256, 32), (16, 16, 8))
+    work = memory_bench.gpt_workload(argparse.Namespace(width=width, context=context), ctx.device)
+    model = work.make_model()
+    batch = work.make_batch(total)
+
+    def compute_loss(micro: Any) -> torch.Tensor:
+        return work.loss(model, micro)
+
+    retries_before = allocator_retries(ctx)
+    rows = autofit_bench.run_case(
+        work.name,
+        model,
+        batch,
+        compute_loss,
+        total,
+        device=ctx.device,
+        clock=time.perf_counter,
+        fractions=(0.2, 0.5, 1.0),
+        rounds=ctx.size(5, 2),
+    )
+    planning_retries = allocator_retries(ctx) - retries_before
+    sec.notes.append(
+        f"{work.name}; effective batch {total}; budgets: fractions of the whole batch's peak "
+        "without checkpointing (the allocator's on CUDA, the meter's on the CPU); grid and "
+        "plan in one process, timed with perf_counter after synchronizing"
+    )
+    for row in rows:
+        plan = row.pop("chosen_plan")
+        budget = row["budget"]
+        # Train one step with the plan: the peak of each micro-batch, measured again
+        # outside the planner, and the errors and retries the allocator met.
+        peak, errors, retries = train_with_plan(ctx, model, batch, compute_loss, plan)
+        label = f"{int(row['fraction'] * 100)}%"
+        sec.row(
+            budget=label,
+            budget_mib=budget / 2**20,
+            plan=row["plan"],
+            plan_vs_grid_best=row["ratio"],
+            largest_without_checkpointing=row["largest_off"],
+            full_checkpointing_largest=row["full_largest"],
+            planning_s=row["planning_s"][0],
+            grid_s=row["grid_s"][0],
+            trained_peak_mib=peak / 2**20,
+            out_of_memory_errors=errors,
+            allocator_retries=retries,
+        )
+        ratio = row["ratio"]
+        sec.target(f"{label}: plan samples/s / grid's best", ratio, ">= 0.95", ratio >= 0.95)
+        fits = peak <= budget
+        name = f"{label}: planned micro-batch peak <= budget (trained, measured again)"
+        sec.target(name, peak / budget, "<= 1", fits, "issue 26")
+        ctx.gpu_target(sec, f"{label}: out-of-memory errors training with the plan", errors,
+                       "0", errors == 0)  # fmt: skip
+        ctx.gpu_target(sec, f"{label}: allocator retries training with the plan", retries,
+                       "0", retries == 0)  # fmt: skip
+        share = row["planning_s"][0] / row["grid_s"][0]
+        sec.target(f"{label}: planning time / grid's", share, "<= 0.10", share <= 0.10)
+    sec.row(allocator_retries_while_planning_and_grid=planning_retries)
+    for target in sec.targets:
+        target["source"] = "issue 26"
+
+
+def allocator_retries(ctx: Context) -> int:
+    if not ctx.cuda:
+        return 0
+    return int(torch.cuda.memory_stats(ctx.device).get("num_alloc_retries", 0))
+
+
+def train_with_plan(
+    ctx: Context, model: nn.Module, batch: Any, compute_loss: Callable[[Any], Any], plan: Any
+) -> tuple[int, int, int]:
+    """(peak bytes of a planned micro-batch, out-of-memory errors, allocator retries).
+
+    The peak is ``measure_activation_memory``'s under the plan's checkpointing (on CUDA the
+    allocator's, gradients included), as the planner counts it; then one optimizer step of
+    ``step_batch`` with the plan (learning rate 0: the model stays as it was).
+    """
+    checkpointing = None
+    if plan.checkpointing is not False:
+        checkpointing = ActivationCheckpointing(model, plan.checkpointing)
+        checkpointing.install()
+    micro = tuple(t[: plan.micro_batch_size] for t in batch)
+    try:
+        memory = torch_accum.measure_activation_memory(
+            lambda: compute_loss(micro), parameters=model.parameters()
+        )
+    finally:
+        if checkpointing is not None:
+            checkpointing.restore()
+        model.zero_grad(set_to_none=True)
+    peak = max(memory.peak, memory.cuda_max_allocated or 0)
+    free_memory(ctx)
+    retries, errors = allocator_retries(ctx), 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    try:
+        with plan.accumulator(model, optimizer) as acc:
+            acc.step_batch(batch, compute_loss)
+    except torch.OutOfMemoryError:
+        errors += 1
+    model.zero_grad(set_to_none=True)
+    free_memory(ctx)
+    return peak, errors, allocator_retries(ctx) - retries
+
+
 # ---------------------------------------------------------------------------- overhead
 def section_overhead(ctx: Context, sec: Section) -> None:
     if not ctx.cuda:
@@ -760,6 +874,7 @@ SECTIONS: dict[str, tuple[Callable[[Context, Section], None], float]] = {
     "fits": (section_fits, 55),
     "overhead": (section_overhead, 50),
     "compile": (section_compile, 85),
+    "autofit": (section_autofit, 60),
 }
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _gpu_report import Context, Section, run_section, write  # noqa: E402
 
-SECTIONS = ["tests", "syncs", "precision", "oom", "fits", "overhead", "compile"]
+SECTIONS = ["tests", "syncs", "precision", "oom", "fits", "overhead", "compile", "autofit"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,19 @@ def test_smoke_run_checks_what_is_exact_on_any_device(smoke):
             assert "not explained" not in json.dumps(row["extra_syncs_vs_hand"])
     tests = targets(report, "tests")
     assert tests["-m cuda selects the CUDA tests, which skip without CUDA"]["passed"]
+
+
+def test_smoke_run_plans_with_autofit_and_trains_each_plan_within_its_budget(smoke):
+    report, _ = smoke
+    autofit = targets(report, "autofit")
+    for budget in ("20%", "50%", "100%"):
+        peak = autofit[f"{budget}: planned micro-batch peak <= budget (trained, measured again)"]
+        assert peak["passed"] and 0 < peak["value"] <= 1
+        # What only a GPU can tell is left to it.
+        assert autofit[f"{budget}: out-of-memory errors training with the plan"]["passed"] is None
+    rows = [row for row in report["sections"]["autofit"]["rows"] if "plan" in row]
+    assert [row["budget"] for row in rows] == ["20%", "50%", "100%"]
+    assert all(row["out_of_memory_errors"] == 0 for row in rows)
 
 
 def test_smoke_markdown_has_the_targets_and_every_section(smoke):

@@ -201,6 +201,16 @@ def test_runs_never_stop_for_ranks_in_lockstep_or_a_compiled_model():
     assert _is_compiled(model)
 
 
+def test_a_scripted_model_is_planned_with_runs_that_are_never_stopped():
+    # TorchScript modules refuse Python hooks, where a timed run would read the clock.
+    torch.manual_seed(0)
+    model = torch.jit.script(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)))
+    x = torch.randn(16, 8)
+    plan = autofit(model, x, lambda micro: model(micro).pow(2).mean(), memory_budget=10**6)
+    assert plan.micro_batch_size == 16
+    assert not any("stopped" in c.status for c in plan.candidates)
+
+
 class Sleeper(nn.Module):
     """A block whose forward takes 2 ms a sample: recomputing it costs as much again."""
 
@@ -224,7 +234,7 @@ def test_a_large_micro_batch_that_cannot_win_is_stopped_short_and_shown_as_stopp
     model.zero_grad(set_to_none=True)
     plan = autofit(model, x, compute_loss, memory_budget=whole.peak // 4, policies=[False, True])
     # Full checkpointing fits a larger micro-batch but runs at half the speed: its run
-    # stops about half way, when it can no longer come within 5% of the fastest.
+    # stops about half way, when it can no longer come within 3% of the fastest.
     assert plan.checkpointing is False
     (full,) = [c for c in plan.candidates if c.label == "full"]
     assert full.micro_batch_size > plan.micro_batch_size
@@ -232,11 +242,11 @@ def test_a_large_micro_batch_that_cannot_win_is_stopped_short_and_shown_as_stopp
     assert "stopped under" in plan.table()
 
 
-def test_only_candidates_within_5_percent_behind_the_fastest_are_timed_again(monkeypatch):
+def test_only_candidates_within_3_percent_behind_the_fastest_are_timed_again(monkeypatch):
     # A second run can only make a candidate faster (the fastest run counts): one more
-    # than 5% behind would need a first run disturbed by that much to win, and the fastest
+    # than 3% behind would need a first run disturbed by that much to win, and the fastest
     # needs no second run to stay ahead.
-    samples_per_second = {"off": 100.0, "every 4th": 96.0, "every 2nd": 94.0, "full": 97.0}
+    samples_per_second = {"off": 100.0, "every 4th": 98.0, "every 2nd": 96.5, "full": 97.0}
     after_second_run = {}
     runs_asked = {}
 

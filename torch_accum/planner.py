@@ -93,7 +93,7 @@ class Candidate:
     throughput of one micro-batch of this size (None when it was not timed, or its run was
     stopped); ``status`` says what the planner did with it: ``"chosen"``, ``"timed"``,
     ``"stopped under <n> samples/s"`` (its run was stopped once it could no longer come
-    within 5% of the fastest, or, a smaller size of the fastest policy, be 2% faster than
+    within 3% of the fastest, or, a smaller size of the fastest policy, be 2% faster than
     it), ``"dominated by <label>"`` (another policy recomputes less and fits a micro-batch
     as large), ``"over budget"`` (predicted), ``"over budget (measured)"``, ``"allocator
     retries"`` (CUDA: timing it made the allocator free its cache and retry, so it counts
@@ -643,8 +643,9 @@ _OUT_OF_MEMORY = float(2**62)
 _WALK_DOWN_GAIN = 1.02
 #: Candidates timed within this fraction of the fastest are timed again before one wins,
 #: unless their runs took this many seconds already: one long run averages out the
-#: disturbances that make a short one look slow.
-_CONTENDER = 0.95
+#: disturbances that make a short one look slow. A run falling further behind is stopped.
+#: Picking the wrong one among them gives up at most 3%, within the 5% a plan may lose.
+_CONTENDER = 0.97
 _TIMED_ENOUGH = 0.5
 #: What BatchNorm raises for one value per channel in training.
 _ONE_SAMPLE_REFUSED = "Expected more than 1 value per channel"
@@ -718,11 +719,13 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def _watched_modules(model: nn.Module, policies: list[_Policy]) -> list[nn.Module]:
-    """Where a timed run reads the clock: the blocks the policies checkpoint, else the children."""
+    """Where a timed run reads the clock: the blocks the policies checkpoint, else the children.
+
+    TorchScript modules take no hooks: a scripted model's runs are not stopped.
+    """
     names = sorted(set().union(*(p.blocks for p in policies)))
-    if not names:
-        return list(model.children())
-    return [model.get_submodule(name) for name in names]
+    modules = [model.get_submodule(name) for name in names] or list(model.children())
+    return [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
 
 
 class _Search:
@@ -1034,7 +1037,7 @@ class _Search:
         largest: dict[_Policy, int | None],
     ) -> tuple[_Policy, int] | None:
         # The cheapest first (smallest micro-batch): once the fastest so far is known, a
-        # slower candidate's run stops where it falls more than 5% behind it, so the long
+        # slower candidate's run stops where it falls more than 3% behind it, so the long
         # runs of large micro-batches that cannot win are cut short.
         timed: list[tuple[_Policy, int]] = []
         fastest = 0.0
@@ -1082,10 +1085,10 @@ class _Search:
         return None if fits is None else self._fastest(frontier, sizes, budget, largest)
 
     def _time_contenders_again(self, timed: list[tuple[_Policy, int]]) -> None:
-        """More runs for the candidates within 5% behind the fastest, until none is left.
+        """More runs for the candidates within 3% behind the fastest, until none is left.
 
         One run each so far, and a disturbed run only makes a candidate look slower: one
-        within 5% may be the faster, one further behind would have to have been disturbed
+        within 3% may be the faster, one further behind would have to have been disturbed
         by more than that. The fastest needs no second run to stay ahead; once another
         overtakes it, it is the one behind and gets its runs too. A run of half a second
         or more is not repeated (it averages out short disturbances), and a run again
