@@ -577,15 +577,31 @@ class ConvNormNet(nn.Module):
         return x
 
 
+class FlatteningNet(nn.Module):
+    """``x.view(x.size(0), -1)``, as older CNNs flatten: fails on an empty batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.head = nn.Linear(4 * 6 * 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x.view(x.size(0), -1))
+
+
 @pytest.mark.parametrize(
     ("make_model", "batch", "probed"),
     [
-        (NormNet, torch.randn(16, 4), [2, 4]),  # BatchNorm1d refuses one sample in training
-        (ConvNormNet, torch.randn(16, 4, 6, 6), [1, 2]),
+        # An empty micro-batch measures what does not grow with the batch, almost for free.
+        (ConvNormNet, torch.randn(16, 4, 6, 6), [0, 1]),
+        (NormNet, torch.randn(16, 4), [0, 2]),  # BatchNorm1d refuses one sample in training
+        (FlatteningNet, torch.randn(16, 4, 6, 6), [1, 2]),  # refuses an empty batch
     ],
-    ids=["batchnorm1d", "batchnorm2d"],
+    ids=["batchnorm2d", "batchnorm1d", "no-empty-batch"],
 )
-def test_probes_use_one_sample_unless_a_batchnorm_refuses_it(
+def test_probes_are_an_empty_micro_batch_and_the_smallest_size_that_trains(
     monkeypatch, make_model, batch, probed
 ):
     sizes = []

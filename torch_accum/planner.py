@@ -2,11 +2,13 @@
 
 Given the model, one batch, the loss and a memory budget, `autofit` measures instead of
 modelling. For every checkpointing policy (off, every n-th block, selective, full) it
-measures the activation peak of two small micro-batches with `measure_activation_memory`:
-the peak is linear in the micro-batch size (``benchmarks/memory.py``), so two points give
-the largest size that fits the budget. A policy that cannot hold a larger micro-batch than
+measures the activation peak of two small micro-batches (an empty one where the model
+takes it, and one sample) with `measure_activation_memory`: the peak is linear in the
+micro-batch size (``benchmarks/memory.py``), so two points give the largest size that
+fits the budget. A policy that cannot hold a larger micro-batch than
 one that recomputes a subset of what it recomputes is hopeless and is skipped; the others
-are timed at their largest fitting size, the fastest also at smaller sizes while that gets
+are timed at their largest fitting size, smallest first, each run stopped once it cannot
+come within 3% of the fastest; the fastest is also timed at smaller sizes while that gets
 faster, and the winner's peak is measured at its size before it is returned. Planning
 leaves no trace: parameters, buffers, gradients and the CPU and CUDA random number
 generators are as they were (the optimizer is never touched).
@@ -760,6 +762,7 @@ class _Search:
         self.checkpointing: dict[_Policy, ActivationCheckpointing] = {}
         self.untouched = _Untouched(model)
         self.one_sample_trains = True  # until a probe of one sample says otherwise
+        self.empty_batch_trains = True  # until the model or loss fails on 0 samples
         # Candidates whose timed run was stopped: under this many samples/s.
         self.slower_than: dict[tuple[_Policy, int], float] = {}
         # Set by run(): None where runs must not stop early (ranks in lockstep, compiled).
@@ -900,7 +903,12 @@ class _Search:
         return math.ceil(intercept + slope * size)
 
     def fit(self, policy: _Policy, sizes: list[int]) -> None:
-        """Two small probes: the peak's line in the micro-batch size."""
+        """Two small probes: the peak's line in the micro-batch size.
+
+        The first is an empty micro-batch where the model and loss take one: it measures
+        what does not grow with the batch for little more than the ops' overhead (a
+        third of a probe of one sample on the GPT). The second is the smallest size.
+        """
         small = sorted(sizes)
         # The smallest sizes cost least. One sample is refused in training by a BatchNorm
         # that would see one value per channel (no spatial dimensions): then 2 samples.
@@ -914,8 +922,26 @@ class _Search:
                 self.one_sample_trains = False
         if first == 1 and not self.one_sample_trains:
             first = next((s for s in small if s >= 2), first)
+        if self._empty_probe(policy):
+            self.refit(policy, 0, first)
+            return
         second = next((s for s in small if s >= 2 * first), small[-1])
         self.refit(policy, first, second)
+
+    def _empty_probe(self, policy: _Policy) -> bool:
+        """Whether the peak of an empty micro-batch could be measured (once refused: never).
+
+        Only in one process: ranks in lockstep must not differ in what they run.
+        """
+        if not self.empty_batch_trains or self.gather is not None:
+            return False
+        try:
+            self.peak(policy, 0)
+        except Exception as error:  # the user's model or loss need not take 0 samples
+            logger.info("autofit: an empty micro-batch fails (%s); probing two sizes", error)
+            self.empty_batch_trains = False
+            return False
+        return True
 
     def refit(self, policy: _Policy, first: int, second: int) -> None:
         """The line through the measured peaks at ``first`` and ``second`` samples.
