@@ -5,11 +5,11 @@ modelling. For every checkpointing policy (off, every n-th block, selective, ful
 measures the activation peak of two small micro-batches (an empty one where the model
 takes it, and one sample) with `measure_activation_memory`: the peak is linear in the
 micro-batch size (``benchmarks/memory.py``), so two points give the largest size that
-fits the budget. A policy that cannot hold a larger micro-batch than
-one that recomputes a subset of what it recomputes is hopeless and is skipped; the others
-are timed at their largest fitting size, smallest first, each run stopped once it cannot
-come within 3% of the fastest; the fastest is also timed at smaller sizes while that gets
-faster, and the winner's peak is measured at its size before it is returned. Planning
+fits the budget. A policy that cannot hold a larger micro-batch than one that recomputes
+a subset of what it recomputes is hopeless and is skipped; the others are timed at their
+largest fitting size, smallest first, each run stopped once it cannot come within 3% of
+the fastest; the fastest is also timed at smaller sizes while that gets faster, and the
+winner's peak is measured at its size before it is returned. Planning
 leaves no trace: parameters, buffers, gradients and the CPU and CUDA random number
 generators are as they were (the optimizer is never touched).
 
@@ -43,7 +43,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -685,7 +684,7 @@ class _RunDeadline:
         self.clock = clock
         self.deadline = math.inf
 
-    @contextmanager
+    @contextlib.contextmanager
     def stopping_at(self, deadline: float) -> Iterator[None]:
         if deadline == math.inf or not self.modules:
             yield
