@@ -242,6 +242,35 @@ def test_a_large_micro_batch_that_cannot_win_is_stopped_short_and_shown_as_stopp
     assert "stopped under" in plan.table()
 
 
+def test_a_step_down_that_beats_one_run_of_the_larger_size_is_checked_against_a_second(
+    monkeypatch,
+):
+    # The first run at a new largest size pays the allocator's first page faults (5-10% of
+    # a GPT run on this CPU): a smaller size looks faster against it, not against a second.
+    first_run, second_run = {24: 90.0, 12: 100.0}, {24: 101.0}
+    runs_of = {}
+
+    def speed(self, policy, size, runs=1, at_least=0.0):
+        runs = runs_of[size] = max(runs, runs_of.get(size, 0))
+        self.runs[policy, size] = runs
+        measured = (second_run if runs > 1 else first_run).get(size, first_run.get(size, 1.0))
+        self.speeds[policy, size] = max(measured, self.speeds.get((policy, size), 0.0))
+        self.seconds[policy, size] = size / self.speeds[policy, size]
+        return self.speeds[policy, size]
+
+    monkeypatch.setattr("torch_accum.planner._Search.speed", speed)
+    model = make_gpt()
+    (batch,) = token_batches(1)
+    budget = 10 * whole_batch_peak(model, batch)
+    plan = autofit(model, batch, loss_of(model), memory_budget=budget, policies=[False])
+    assert (plan.micro_batch_size, runs_of) == (24, {24: 2, 12: 1})
+    # A gain that holds against the second run is taken.
+    runs_of.clear()
+    second_run[24] = 91.0
+    plan = autofit(model, batch, loss_of(model), memory_budget=budget, policies=[False])
+    assert plan.micro_batch_size == 12
+
+
 def test_only_candidates_within_3_percent_behind_the_fastest_are_timed_again(monkeypatch):
     # A second run can only make a candidate faster (the fastest run counts): one more
     # than 3% behind would need a first run disturbed by that much to win, and the fastest
