@@ -207,7 +207,9 @@ def test_a_scripted_model_is_planned_with_runs_that_are_never_stopped():
     model = torch.jit.script(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)))
     x = torch.randn(16, 8)
     plan = autofit(model, x, lambda micro: model(micro).pow(2).mean(), memory_budget=10**6)
-    assert plan.micro_batch_size == 16
+    # The whole batch fits; a step down to a smaller size asked for a deadline, and ran out.
+    timed = [c for c in plan.candidates if c.samples_per_second is not None]
+    assert {c.micro_batch_size for c in timed} >= {16, 8}
     assert not any("stopped" in c.status for c in plan.candidates)
 
 
