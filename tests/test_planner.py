@@ -162,7 +162,7 @@ def test_a_timed_run_stops_once_it_cannot_be_as_fast_as_it_must_and_leaves_no_tr
     # With no speed to reach, a run reads the clock at its start and end only.
     assert search.speed(off, 8) == 8.0
     # With one, also where each block starts and ends its forward and where backward
-    # reaches each block's output.
+    # leaves each block (the gradient of its input).
     whole = 3 * len(blocks) + 2
     before = clock.reads
     assert search.speed(off, 6, at_least=0.01) == pytest.approx(6 / (whole - 1))
@@ -174,7 +174,7 @@ def test_a_timed_run_stops_once_it_cannot_be_as_fast_as_it_must_and_leaves_no_tr
     assert search.speed(*slow, at_least=4 / 5) == 0.0
     assert clock.reads - before == 1 + 5 + 1
     assert search.slower_than == {slow: 4 / 5} and slow not in search.speeds
-    # Stopped in the backward: forward complete, then 2 of the 4 blocks' outputs reached.
+    # Stopped in the backward: forward complete, then through 2 of the 4 blocks.
     assert search.speed(off, 2, at_least=2 / (2 * len(blocks) + 2)) == 0.0
     # Known to be slower: asking for as much again or more runs nothing.
     before = clock.reads
@@ -241,7 +241,16 @@ def test_a_large_micro_batch_that_cannot_win_is_stopped_short_and_shown_as_stopp
     (full,) = [c for c in plan.candidates if c.label == "full"]
     assert full.micro_batch_size > plan.micro_batch_size
     assert full.samples_per_second is None and full.status.startswith("stopped under")
+    assert full.stopped_below is not None and f"{full.stopped_below:.1f}" in full.status
     assert "stopped under" in plan.table()
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    (ax,) = plan.plot().axes
+    (line,) = [line for line in ax.lines if line.get_label() == "stopped: slower than shown"]
+    assert full.stopped_below in list(line.get_ydata())
 
 
 def test_a_step_down_that_beats_one_run_of_the_larger_size_is_checked_against_a_second(

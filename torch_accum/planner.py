@@ -109,6 +109,8 @@ class Candidate:
     measured_peak: int | None
     samples_per_second: float | None
     status: str
+    #: A stopped run: the samples/s it could no longer reach (its throughput is below).
+    stopped_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,8 +207,10 @@ class Plan:
     def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
         """Peak memory against samples/s of the timed candidates (needs matplotlib).
 
-        The chosen point is circled and the budget is a vertical line. Saved to ``path``
-        when given; returns the matplotlib ``Figure``.
+        The chosen point is circled and the budget is a vertical line; a candidate whose
+        run was stopped is a downward triangle at the samples/s it could no longer reach
+        (it is slower than that). Saved to ``path`` when given; returns the matplotlib
+        ``Figure``.
         """
         import matplotlib.pyplot as plt
 
@@ -229,6 +233,24 @@ class Plan:
                     textcoords="offset points",
                     xytext=(4, 4),
                     fontsize=8,
+                )
+        stopped = [c for c in self.candidates if c.stopped_below is not None]
+        if stopped:
+            ax.plot(
+                [_peak_of(c) / 2**20 for c in stopped],
+                [c.stopped_below for c in stopped],
+                "v",
+                color="grey",
+                label="stopped: slower than shown",
+            )
+            for c in stopped:
+                ax.annotate(
+                    f"{c.label}, {c.micro_batch_size}",
+                    (_peak_of(c) / 2**20, c.stopped_below),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                    color="grey",
                 )
         ax.plot(
             [self.measured_peak / 2**20],
@@ -256,7 +278,7 @@ class Plan:
 def _peak_of(candidate: Candidate) -> int:
     if candidate.measured_peak is not None:
         return candidate.measured_peak
-    # Only timed candidates are plotted, and a timed policy was probed.
+    # Only timed or stopped candidates are plotted, and their policies were probed.
     return cast(int, candidate.predicted_peak)
 
 
@@ -675,8 +697,9 @@ class _RunDeadline:
     A candidate timed after a faster one only has to show that it cannot come close: its
     run stops where it passes the time the faster one would allow (full checkpointing
     of the GPT at the whole batch took 2 s to lose by 18%). The clock is read where the
-    model's blocks start and end their forward and where backward reaches their outputs;
-    an exception leaves the run there, and the next run starts from clean gradients.
+    model's blocks start and end their forward and where backward leaves them (the
+    gradient of their inputs); an exception leaves the run there, and the next run starts
+    from clean gradients.
     """
 
     def __init__(self, modules: list[nn.Module], clock: Callable[[], float]) -> None:
@@ -693,8 +716,8 @@ class _RunDeadline:
         handles = []
         try:
             for module in self.modules:
-                handles.append(module.register_forward_pre_hook(self._check))
-                handles.append(module.register_forward_hook(self._check_in_backward))
+                handles.append(module.register_forward_pre_hook(self._check_in_backward))
+                handles.append(module.register_forward_hook(self._check))
             yield
         finally:
             for handle in handles:
@@ -705,9 +728,10 @@ class _RunDeadline:
         if self.clock() > self.deadline:
             raise _TooSlow
 
-    def _check_in_backward(self, module: nn.Module, args: object, output: object) -> None:
+    def _check_in_backward(self, module: nn.Module, args: object) -> None:
+        """Checks now, and again once backward has gone through this block (its inputs)."""
         self._check()
-        for tensor in _tensors_in(output):
+        for tensor in _tensors_in(args):
             if tensor.requires_grad:
                 tensor.register_hook(self._check)  # type: ignore[no-untyped-call]
 
@@ -1175,6 +1199,7 @@ class _Search:
                         predicted_peak=self.predicted(policy, size) if probed else None,
                         measured_peak=self.peaks.get((policy, size)),
                         samples_per_second=self.speeds.get((policy, size)),
+                        stopped_below=self.slower_than.get((policy, size)),
                         status=status,
                     )
                 )
