@@ -850,6 +850,7 @@ def test_planning_puts_back_the_gradients_buffers_rng_and_modes_a_measured_run_c
     grad_values = [g.clone() for g in grads]
     buffers = [b.clone() for b in model.buffers()]
     rng = torch.random.get_rng_state()
+    attributes = set(vars(model))
 
     untouched = _Untouched(model)
     assert all(p.grad is None for p in model.parameters())  # measured runs start clean
@@ -876,6 +877,7 @@ def test_planning_puts_back_the_gradients_buffers_rng_and_modes_a_measured_run_c
         model.training and not model.blocks[1].training and not model.blocks[1].layers[1].training
     )
     assert model.blocks[0].training and model.blocks[2].layers[1].training
+    assert set(vars(model)) == attributes  # no DDP flag set on a model that is not DDP
 
 
 def test_the_peak_line_goes_through_one_and_two_samples(monkeypatch):
