@@ -395,6 +395,20 @@ class OutWriteBlock(nn.Module):
         return x + torch.tanh(h)
 
 
+class ForeachWriteBlock(nn.Module):
+    """A Linear whose result a ``torch._foreach_mul_`` scales in place: a list of written tensors."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        with torch.no_grad():
+            torch._foreach_mul_([h], 0.5)
+        return x + torch.tanh(h)
+
+
 class Blocks(nn.Module):
     def __init__(self, block: type[nn.Module], depth: int = 3) -> None:
         super().__init__()
@@ -421,8 +435,14 @@ def gradients(model, x, checkpointing):
         (RelativePositionAttention, (2, 5, 16)),
         (InplaceReluBlock, (4, 16)),
         (OutWriteBlock, (4, 16)),
+        (ForeachWriteBlock, (4, 16)),
     ],
-    ids=["scores-written-through-a-view", "linear-then-inplace-relu", "linear-scaled-through-out"],
+    ids=[
+        "scores-written-through-a-view",
+        "linear-then-inplace-relu",
+        "linear-scaled-through-out",
+        "linear-scaled-as-a-list",
+    ],
 )
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_selective_is_bit_exact_when_a_block_writes_into_a_kept_matmul_result(block, shape, mode):
