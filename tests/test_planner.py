@@ -1183,3 +1183,18 @@ def test_checkpointing_auto_plans_within_max_micro_batch_size():
     assert acc.plan is not None and acc.plan.micro_batch_size <= 3
     assert max(c.micro_batch_size for c in acc.plan.candidates) <= 3
     assert acc.micro_batch_size == acc.plan.micro_batch_size
+
+
+def test_a_batchnorm_refusing_the_only_size_left_raises_its_own_error():
+    # Only one sample per micro-batch is possible, and BatchNorm1d refuses it in training.
+    torch.manual_seed(0)
+    model = NormNet()
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel"):
+        autofit(
+            model,
+            torch.randn(4, 4),
+            lambda micro: model(micro).pow(2).mean(),
+            memory_budget=10**9,
+            max_micro_batch_size=1,
+            policies=[False],
+        )
