@@ -1024,6 +1024,7 @@ def test_the_candidates_table_gives_each_policy_its_status():
     search.speeds.update({(off, 8): 50.0, (off, 4): 100.0, (off, 2): 90.0})
     search.retried.add((off, 8))
     search.peaks[off, 4] = 45
+    search.peaks[off, 2] = 50  # exactly the budget: fits
     search.dominated[every2] = off  # never probed
     search.lines[full] = (0.0, 5.0)  # predicted 40 at 8: fits, but measured over
     search.speeds[full, 8] = 80.0
@@ -1040,7 +1041,7 @@ def test_the_candidates_table_gives_each_policy_its_status():
     ]
     assert [c.accumulation_steps for c in rows] == [1, 2, 4, 1, 1, 8]
     assert [c.predicted_peak for c in rows] == [80, 40, 20, None, 40, 110]
-    assert [c.measured_peak for c in rows] == [None, 45, None, None, 55, None]
+    assert [c.measured_peak for c in rows] == [None, 45, 50, None, 55, None]
     assert [c.samples_per_second for c in rows] == [50.0, 100.0, 90.0, None, 80.0, None]
     assert [c.checkpointing for c in rows] == [False] * 3 + [
         Checkpointing(every=2),
