@@ -378,6 +378,37 @@ class InplaceReluBlock(nn.Module):
         return x + nn.functional.relu(self.fc(self.mlp(x)), inplace=True)
 
 
+class OutWriteBlock(nn.Module):
+    """A Linear whose result is scaled in place through ``out=`` under ``no_grad``.
+
+    The written tensor comes as a keyword argument, right after the positional ones.
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        with torch.no_grad():
+            torch.mul(h, 0.5, out=h)
+        return x + torch.tanh(h)
+
+
+class ForeachWriteBlock(nn.Module):
+    """A Linear whose result a ``torch._foreach_mul_`` scales in place: a list of written tensors."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        with torch.no_grad():
+            torch._foreach_mul_([h], 0.5)
+        return x + torch.tanh(h)
+
+
 class Blocks(nn.Module):
     def __init__(self, block: type[nn.Module], depth: int = 3) -> None:
         super().__init__()
@@ -400,8 +431,18 @@ def gradients(model, x, checkpointing):
 
 @pytest.mark.parametrize(
     ("block", "shape"),
-    [(RelativePositionAttention, (2, 5, 16)), (InplaceReluBlock, (4, 16))],
-    ids=["scores-written-through-a-view", "linear-then-inplace-relu"],
+    [
+        (RelativePositionAttention, (2, 5, 16)),
+        (InplaceReluBlock, (4, 16)),
+        (OutWriteBlock, (4, 16)),
+        (ForeachWriteBlock, (4, 16)),
+    ],
+    ids=[
+        "scores-written-through-a-view",
+        "linear-then-inplace-relu",
+        "linear-scaled-through-out",
+        "linear-scaled-as-a-list",
+    ],
 )
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_selective_is_bit_exact_when_a_block_writes_into_a_kept_matmul_result(block, shape, mode):
@@ -438,6 +479,32 @@ def test_selective_refuses_a_write_it_cannot_protect_naming_the_block(monkeypatc
         r"aten.addmm.default.*checkpointing='full'",
     ):
         gradients(model, torch.randn(4, 16), "selective")
+
+
+def test_selective_reads_both_cache_layouts_and_reports_any_other_as_unknown():
+    # What test_selective_refuses_a_write_it_cannot_protect_naming_the_block simulates:
+    # a cache whose layout is not one of the two known (a list per op in torch 2.6, a dict
+    # by call index later) is reported unknown (None, then the error), never guessed at.
+    from types import SimpleNamespace
+
+    from torch_accum._selective import _kept_values
+
+    def wrapped(value):  # the shape of torch's _VersionWrapper
+        return SimpleNamespace(val=value, version=getattr(value, "_version", None))
+
+    a, b, c = torch.zeros(2), torch.ones(3), torch.full((1,), 2.0)
+    recompute = object()  # torch's marker for an op that is not kept
+    count = wrapped(7)  # an op's non-tensor output (flash attention's sizes on CUDA)
+    by_call = {"mm": {0: wrapped(a), 1: recompute}, "sdpa": {0: (wrapped(b), count)}}
+    assert [w.val for w in _kept_values(SimpleNamespace(storage=by_call))] == [a, b]
+    as_lists = {"mm": [wrapped(a), recompute], "sdpa": [(wrapped(b), count), wrapped(c)]}
+    assert [w.val for w in _kept_values(SimpleNamespace(storage=as_lists))] == [a, b, c]
+    no_version = SimpleNamespace(val=c)
+    assert _kept_values(SimpleNamespace(storage={"mm": [no_version]})) == []
+    assert _kept_values(SimpleNamespace(storage={})) == []
+    assert _kept_values(SimpleNamespace(storage=[wrapped(a)])) is None
+    assert _kept_values(SimpleNamespace(storage={"mm": (wrapped(a),)})) is None
+    assert _kept_values(SimpleNamespace()) is None
 
 
 class Block(nn.Module):

@@ -1,7 +1,9 @@
 """autofit: the plan fits the budget, leaves no trace, trains exactly, and is the same on every rank."""
 
+import collections
 import copy
 import importlib.util
+import math
 import time
 
 import pytest
@@ -13,7 +15,18 @@ from torch import nn
 
 from torch_accum import Accumulator, Checkpointing, Plan, autofit, measure_activation_memory
 from torch_accum.checkpointing import ActivationCheckpointing
-from torch_accum.planner import _is_compiled, _policies, _RunDeadline, _Search
+from torch_accum.planner import (
+    Candidate,
+    _budget,
+    _candidate_sizes,
+    _is_compiled,
+    _label,
+    _policies,
+    _resized,
+    _RunDeadline,
+    _Search,
+    _Untouched,
+)
 
 CONFIG = GPTConfig(vocab_size=64, context=16, width=32, heads=4, layers=4)
 BATCH = 24
@@ -701,3 +714,685 @@ def whole_batch_peak_of(model, batch, compute_loss) -> int:
     peak = measure_activation_memory(lambda: compute_loss(batch), parameters=model.parameters())
     model.zero_grad(set_to_none=True)
     return peak.peak
+
+
+# =============================================================================
+# The planner's parts, one at a time (tiny models, no timing): sizes, batches, policies,
+# budget, arguments, the no-trace guarantee, the peak lines and the plan's table.
+# Found by mutation testing (docs/testing.md); the lead may append below this section.
+# =============================================================================
+class TinyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class TinyNet(nn.Module):
+    """Four repeated blocks, so that every default policy applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(TinyBlock() for _ in range(4))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def tiny_setup(samples: int = 8):
+    model = TinyNet()
+    x = torch.randn(samples, 8, generator=torch.Generator().manual_seed(2))
+
+    def compute_loss(micro: torch.Tensor) -> torch.Tensor:
+        return model(micro).pow(2).mean()
+
+    return model, x, compute_loss
+
+
+def tiny_search(model, x, compute_loss) -> _Search:
+    return _Search(model, x, x.shape[0], compute_loss, torch.device("cpu"), 2, None)
+
+
+def test_balanced_sizes_give_every_number_of_nearly_equal_micro_batches():
+    assert _candidate_sizes(10, "balanced", None) == [10, 5, 4, 3, 2, 1]
+    assert _candidate_sizes(12, "divisors", None) == [12, 6, 4, 3, 2, 1]
+    assert _candidate_sizes(1, "balanced", None) == [1]
+    assert _candidate_sizes(1, "divisors", None) == [1]
+
+
+def test_given_sizes_are_capped_at_the_effective_batch_and_tried_largest_first():
+    assert _candidate_sizes(20, [3, 32, 8, 16, 8], None) == [20, 16, 8, 3]
+    assert _candidate_sizes(20, (size for size in [1, 2]), None) == [2, 1]
+
+
+def test_max_micro_batch_size_leaves_out_larger_sizes_or_is_tried_itself():
+    assert _candidate_sizes(10, "balanced", 4) == [4, 3, 2, 1]
+    assert _candidate_sizes(10, "balanced", 5) == [5, 4, 3, 2, 1]
+    assert _candidate_sizes(20, [16, 8], 4) == [4]  # no given size is small enough
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (
+            "fast",
+            r"micro_batch_sizes must be 'balanced', 'divisors' or an iterable of ints, got 'fast'",
+        ),
+        ([8, 0], r"micro_batch_sizes must hold positive ints, got 0; pass e.g."),
+        ([8, -2], r"micro_batch_sizes must hold positive ints, got -2"),
+        ([8, True], r"micro_batch_sizes must hold positive ints, got True"),
+        ([8, 4.0], r"micro_batch_sizes must hold positive ints, got 4.0"),
+        ([], r"micro_batch_sizes is empty; pass at least one size"),
+    ],
+)
+def test_micro_batch_sizes_that_are_not_positive_ints_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        _candidate_sizes(16, sizes, None)
+
+
+def test_a_batch_is_cut_to_its_first_samples_or_repeated_to_the_size_measured():
+    x = torch.arange(6).reshape(3, 2)
+    torch.testing.assert_close(_resized(x, 2, 3), x[:2], rtol=0, atol=0)
+    torch.testing.assert_close(_resized(x, 3, 3), x, rtol=0, atol=0)
+    torch.testing.assert_close(_resized(x, 7, 3), x[[0, 1, 2, 0, 1, 2, 0]], rtol=0, atol=0)
+
+
+def test_a_structured_batch_keeps_its_containers_and_non_tensors_when_resized():
+    pair_type = collections.namedtuple("Pair", "inputs targets")
+    x = torch.arange(6).reshape(3, 2)
+    batch = {"pair": pair_type(x, 10 * x), "list": [x], "tuple": (x, "tag"), "name": "text"}
+    out = _resized(batch, 4, 3)
+    repeated = [0, 1, 2, 0]
+    assert type(out) is dict and list(out) == ["pair", "list", "tuple", "name"]
+    assert type(out["pair"]) is pair_type
+    torch.testing.assert_close(out["pair"].inputs, x[repeated], rtol=0, atol=0)
+    torch.testing.assert_close(out["pair"].targets, (10 * x)[repeated], rtol=0, atol=0)
+    assert type(out["list"]) is list and len(out["list"]) == 1
+    torch.testing.assert_close(out["list"][0], x[repeated], rtol=0, atol=0)
+    assert type(out["tuple"]) is tuple and out["tuple"][1] == "tag"
+    torch.testing.assert_close(out["tuple"][0], x[repeated], rtol=0, atol=0)
+    assert out["name"] == "text"
+    cut = _resized(batch, 1, 3)
+    torch.testing.assert_close(cut["pair"].targets, (10 * x)[:1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "label"),
+    [
+        (Checkpointing(), "full"),
+        (Checkpointing(mode="selective"), "selective"),
+        (Checkpointing(every=2), "every 2nd"),
+        (Checkpointing(every=3), "every 3rd"),
+        (Checkpointing(every=4), "every 4th"),
+        (Checkpointing(every=11), "every 11th"),
+        (Checkpointing(every=2, mode="selective"), "every 2nd, selective"),
+        (Checkpointing(blocks=TinyBlock), "chosen blocks, full"),
+        (
+            Checkpointing(blocks=TinyBlock, every=3, mode="selective"),
+            "chosen blocks, every 3rd, selective",
+        ),
+    ],
+)
+def test_each_policy_is_labelled_by_its_blocks_spacing_and_mode(setting, label):
+    assert _label(setting) == label
+
+
+def test_policies_applying_to_the_same_blocks_are_tried_once_in_the_order_given():
+    model, _, _ = tiny_setup()
+    requested = [
+        Checkpointing(every=2),
+        False,
+        None,  # no checkpointing too
+        True,
+        "full",  # the same blocks as True
+        Checkpointing(blocks=TinyBlock),  # the same blocks again
+        "selective",
+        Checkpointing(every=4),
+        Checkpointing(every=8),  # block 0 only, like every 4th
+    ]
+    found = _policies(model, requested)
+    assert [p.label for p in found] == ["every 2nd", "off", "full", "selective", "every 4th"]
+    assert [p.setting for p in found] == [
+        Checkpointing(every=2),
+        False,
+        True,
+        "selective",
+        Checkpointing(every=4),
+    ]
+    assert [p.mode for p in found] == ["full", None, "full", "selective", "full"]
+    assert found[0].blocks == {"blocks.0", "blocks.2"}
+    assert found[1].blocks == frozenset()
+    assert found[2].blocks == {f"blocks.{i}" for i in range(4)}
+    assert found[4].blocks == {"blocks.0"}
+
+
+def test_policies_without_blocks_in_the_model_are_left_out_or_refused(caplog):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    with caplog.at_level("INFO", logger="torch_accum.planner"):
+        found = _policies(model, [True, False, Checkpointing(every=2)])
+    assert [p.label for p in found] == ["off"]
+    assert (
+        "autofit: leaving out checkpointing True: checkpointing=True found no repeated"
+        in caplog.text
+    )
+    with pytest.raises(ValueError, match=r"autofit\(policies=...\) left no policy to try"):
+        _policies(model, [True, "selective"])
+    with pytest.raises(ValueError, match=r"left no policy to try for this model; include False"):
+        autofit(
+            model, torch.randn(4, 8), lambda m: model(m).sum(), memory_budget=10**6, policies=[True]
+        )
+
+
+def test_a_policy_recomputes_within_another_only_on_a_subset_of_its_blocks_in_its_mode():
+    model, _, _ = tiny_setup()
+    off, full, every2, every4, selective, selective2 = _policies(
+        model,
+        [
+            False,
+            True,
+            Checkpointing(every=2),
+            Checkpointing(every=4),
+            "selective",
+            Checkpointing(every=2, mode="selective"),
+        ],
+    )
+    assert off.recomputes_within(off) and off.recomputes_within(full)
+    assert off.recomputes_within(selective)
+    assert not full.recomputes_within(off) and not selective.recomputes_within(off)
+    assert every4.recomputes_within(every2) and every2.recomputes_within(full)
+    assert every2.recomputes_within(every2)
+    assert not full.recomputes_within(every2) and not every2.recomputes_within(every4)
+    # Selective runs its policy on every op: not within full, nor full within selective.
+    assert not selective.recomputes_within(full) and not full.recomputes_within(selective)
+    assert selective2.recomputes_within(selective) and not selective.recomputes_within(selective2)
+
+
+def test_a_budget_is_positive_bytes_or_on_cuda_a_fraction_of_the_free_memory(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _budget(1, cpu) == 1
+    assert _budget(5 * 2**30, cpu) == 5 * 2**30
+    with pytest.raises(TypeError, match=r"memory_budget must be bytes \(an int\), got True"):
+        _budget(True, cpu)
+    for bad in (0, -1):
+        with pytest.raises(
+            ValueError, match=rf"memory_budget must be a positive number of bytes, got {bad}"
+        ):
+            _budget(bad, cpu)
+    with pytest.raises(
+        ValueError, match=r"memory_budget=0.5: pass bytes as an int, or \(on CUDA only\)"
+    ):
+        _budget(0.5, cpu)
+    # On CUDA (its free memory simulated): a fraction in (0, 1], 0.9 by default.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 4000))
+    assert _budget(None, cuda) == 900
+    assert _budget(0.25, cuda) == 250
+    assert _budget(1.0, cuda) == 1000
+    assert _budget(7, cuda) == 7
+    for bad in (0.0, 1.5, -0.5, "0.5"):
+        with pytest.raises(
+            ValueError, match=r"memory_budget=.*: pass bytes as an int, or \(on CUDA only\)"
+        ):
+            _budget(bad, cuda)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"model": "net"}, TypeError, r"model must be a torch.nn.Module, got str"),
+        (
+            {"compute_loss": None},
+            TypeError,
+            r"compute_loss must be a callable micro_batch -> loss, got NoneType",
+        ),
+        ({"effective_batch": 0}, ValueError, r"effective_batch must be a positive int, got 0"),
+        (
+            {"effective_batch": True},
+            ValueError,
+            r"effective_batch must be a positive int, got True",
+        ),
+        ({"effective_batch": 8.0}, ValueError, r"effective_batch must be a positive int, got 8.0"),
+        ({"repeats": 0}, ValueError, r"repeats must be a positive int, got 0"),
+        ({"repeats": True}, ValueError, r"repeats must be a positive int, got True"),
+        ({"repeats": 2.0}, ValueError, r"repeats must be a positive int, got 2.0"),
+        (
+            {"max_micro_batch_size": 0},
+            ValueError,
+            r"max_micro_batch_size must be a positive int or None, got 0",
+        ),
+        ({"max_micro_batch_size": True}, ValueError, r"max_micro_batch_size must be .*, got True"),
+        ({"max_micro_batch_size": 4.0}, ValueError, r"max_micro_batch_size must be .*, got 4.0"),
+        (
+            {"memory_budget": 0},
+            ValueError,
+            r"memory_budget must be a positive number of bytes, got 0",
+        ),
+        (
+            {"micro_batch_sizes": "all"},
+            ValueError,
+            r"micro_batch_sizes must be 'balanced', 'divisors'",
+        ),
+        (
+            {"clock": 0.0},
+            TypeError,
+            r"clock must be a callable returning seconds, e.g. time.process_time, got 0.0",
+        ),
+    ],
+)
+def test_autofit_refuses_each_argument_naming_it_and_the_value(arguments, error, message):
+    model, x, compute_loss = tiny_setup()
+    given = {"model": model, "batch": x, "compute_loss": compute_loss, "memory_budget": 10**6}
+    given.update(arguments)
+    with pytest.raises(error, match=message):
+        autofit(**given)
+
+
+def test_autofit_refuses_a_model_without_parameters():
+    model = nn.Tanh()
+    with pytest.raises(
+        ValueError, match=r"autofit needs a model with parameters; Tanh has none to train"
+    ):
+        autofit(model, torch.randn(4, 8), lambda m: model(m).sum(), memory_budget=10**6)
+
+
+def test_the_smallest_allowed_arguments_plan_one_sample_at_a_time():
+    model, x, compute_loss = tiny_setup()
+    plan = autofit(
+        model,
+        x,
+        compute_loss,
+        memory_budget=10**9,
+        effective_batch=1,
+        repeats=1,
+        max_micro_batch_size=1,
+        policies=[False],
+    )
+    assert (plan.micro_batch_size, plan.accumulation_steps, plan.effective_batch) == (1, 1, 1)
+    plan = autofit(
+        model, x, compute_loss, memory_budget=10**9, max_micro_batch_size=3, policies=[False]
+    )
+    assert plan.micro_batch_size <= 3 and plan.accumulation_steps == math.ceil(
+        8 / plan.micro_batch_size
+    )
+    assert max(c.micro_batch_size for c in plan.candidates) <= 3
+
+
+def test_planning_puts_back_the_gradients_buffers_rng_and_modes_a_measured_run_changes():
+    torch.manual_seed(0)
+    model = NormNet().double()
+    model.blocks[1].eval()  # a frozen block stays frozen
+    x = torch.randn(16, 4, dtype=torch.float64)
+    model(x).sum().backward()  # pending gradients
+    grads = [p.grad for p in model.parameters()]
+    grad_values = [g.clone() for g in grads]
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    attributes = set(vars(model))
+
+    untouched = _Untouched(model)
+    assert all(p.grad is None for p in model.parameters())  # measured runs start clean
+
+    def measured_run():
+        model.train()
+        model(x).sum().backward()  # gradients, running statistics, dropout's random numbers
+        torch.rand(3)
+
+    measured_run()
+    assert not all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    untouched.reset_between_runs()
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(list(model.buffers()), buffers, rtol=0, atol=0)
+    torch.testing.assert_close(torch.random.get_rng_state(), rng, rtol=0, atol=0)
+
+    measured_run()
+    untouched.restore()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+    torch.testing.assert_close([p.grad for p in model.parameters()], grad_values, rtol=0, atol=0)
+    torch.testing.assert_close(list(model.buffers()), buffers, rtol=0, atol=0)
+    torch.testing.assert_close(torch.random.get_rng_state(), rng, rtol=0, atol=0)
+    assert (
+        model.training and not model.blocks[1].training and not model.blocks[1].layers[1].training
+    )
+    assert model.blocks[0].training and model.blocks[2].layers[1].training
+    assert set(vars(model)) == attributes  # no DDP flag set on a model that is not DDP
+
+
+def test_the_peak_line_goes_through_an_empty_micro_batch_and_one_sample():
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    search.peaks.update({(off, 0): 100, (off, 1): 110})  # measured already
+    search.fit(off, [8, 4, 3, 2, 1])
+    assert search.lines[off] == (100.0, 10.0)
+    assert set(search.peaks) == {(off, 0), (off, 1)}  # nothing else measured
+    search.untouched.restore()
+
+
+def test_the_peak_line_goes_through_one_and_two_samples_without_an_empty_batch():
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    search.empty_batch_trains = False  # the model or loss failed on 0 samples
+    search.peaks.update({(off, 1): 110, (off, 2): 120})  # measured already
+    search.fit(off, [8, 4, 3, 2, 1])
+    assert search.lines[off] == (100.0, 10.0)
+    assert set(search.peaks) == {(off, 1), (off, 2)}  # nothing else measured
+    assert search.predicted(off, 8) == 180
+    search.untouched.restore()
+
+
+def test_the_peak_line_starts_at_two_samples_once_one_sample_is_refused():
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    search.one_sample_trains = False
+    search.empty_batch_trains = False
+    search.peaks.update({(off, 2): 120, (off, 4): 140})
+    search.fit(off, [8, 4, 3, 2, 1])
+    assert search.lines[off] == (100.0, 10.0)
+    assert set(search.peaks) == {(off, 2), (off, 4)}
+    search.untouched.restore()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "probed", "line"),
+    [
+        ([8, 1], {1: 110, 8: 180}, (100.0, 10.0)),  # the second probe: the next size >= 2x
+        ([5, 3], {3: 130, 5: 150}, (100.0, 10.0)),  # none that large: the largest size
+        ([1], {1: 110}, (110.0, 0.0)),  # one size: a flat line through it
+        ([2, 1], {1: 200, 2: 150}, (200.0, 0.0)),  # a falling peak: never predicted below
+    ],
+)
+def test_the_peak_line_of_few_sizes(sizes, probed, line):
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    search.empty_batch_trains = False
+    search.peaks.update({(off, size): peak for size, peak in probed.items()})
+    search.fit(off, sizes)
+    assert search.lines[off] == line
+    assert set(search.peaks) == {(off, size) for size in probed}
+    search.untouched.restore()
+
+
+def test_a_predicted_peak_is_rounded_up_to_whole_bytes():
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    search.lines[off] = (100.25, 10.5)
+    assert search.predicted(off, 1) == 111
+    assert search.predicted(off, 2) == 122  # 121.25
+    search.untouched.restore()
+
+
+def test_only_the_batchnorm_refusal_of_one_sample_is_taken_as_a_reason_to_probe_two():
+    model, x, _ = tiny_setup()
+    calls = []
+
+    def refusing(micro):
+        calls.append(micro.shape[0])
+        if micro.shape[0] == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size [1, 8]"
+            )
+        return model(micro).pow(2).mean()
+
+    search = tiny_search(model, x, refusing)
+    off, full = _policies(model, [False, True])
+    search.fit(off, [8, 4, 2, 1])
+    search.fit(full, [8, 4, 2, 1])
+    assert calls.count(1) == 1  # asked once, then never again for the other policy
+    assert sorted(size for policy, size in search.peaks) == [0, 0, 2, 2]  # empty, then 2
+
+    def failing(micro):
+        raise ValueError("the user's own error")
+
+    search = tiny_search(model, x, failing)
+    with pytest.raises(ValueError, match="the user's own error"):
+        search.fit(off, [8, 4, 2, 1])
+    search.untouched.restore()
+
+
+def test_the_largest_fitting_size_trusts_a_measured_peak_over_the_line():
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    search.lines[off] = (0.0, 10.0)
+    sizes = [8, 4, 2, 1]
+    assert search.largest_fitting(off, sizes, 40) == 4  # predicted 40: fits exactly
+    assert search.largest_fitting(off, sizes, 39) == 2
+    assert search.largest_fitting(off, sizes, 9) is None
+    search.peaks[off, 4] = 41  # measured over the budget
+    assert search.largest_fitting(off, sizes, 40) == 2
+    search.peaks[off, 8] = 40  # measured within it where the line says 80
+    assert search.largest_fitting(off, sizes, 40) == 8
+    search.untouched.restore()
+
+
+def test_a_probe_measures_the_policys_peak_on_the_cut_or_repeated_batch():
+    model, x, compute_loss = tiny_setup()
+
+    def reference(micro, setting):
+        checkpointing = None
+        if setting is not False:
+            checkpointing = ActivationCheckpointing(model, setting)
+            checkpointing.install()
+        try:
+            model.zero_grad(set_to_none=True)
+            return measure_activation_memory(
+                lambda: compute_loss(micro), parameters=model.parameters()
+            ).peak
+        finally:
+            model.zero_grad(set_to_none=True)
+            if checkpointing is not None:
+                checkpointing.restore()
+
+    expected = {
+        ("off", 4): reference(x[:4], False),
+        ("full", 4): reference(x[:4], True),
+        ("off", 12): reference(torch.cat([x, x[:4]]), False),
+    }
+    assert expected["full", 4] < expected["off", 4] < expected["off", 12]
+    search = tiny_search(model, x, compute_loss)
+    off, full = _policies(model, [False, True])
+    assert search.peak(off, 4) == expected["off", 4]
+    assert search.peak(full, 4) == expected["full", 4]
+    assert search.peak(off, 12) == expected["off", 12]
+    assert all("forward" not in vars(block) for block in model.blocks)  # uninstalled
+    search.peaks[off, 4] = 7  # measured once, then known
+    assert search.peak(off, 4) == 7
+    search.untouched.restore()
+
+
+def test_the_candidates_table_gives_each_policy_its_status():
+    model, x, compute_loss = tiny_setup()
+    search = tiny_search(model, x, compute_loss)
+    off, every2, full, selective = _policies(
+        model, [False, Checkpointing(every=2), True, "selective"]
+    )
+    sizes, budget = [8, 4, 2, 1], 50
+    search.lines[off] = (0.0, 10.0)  # predicted 80, 40, 20, 10
+    search.speeds.update({(off, 8): 50.0, (off, 4): 100.0, (off, 2): 90.0})
+    search.retried.add((off, 8))
+    search.peaks[off, 4] = 45
+    search.peaks[off, 2] = 50  # exactly the budget: fits
+    search.dominated[every2] = off  # never probed
+    search.lines[full] = (0.0, 5.0)  # predicted 40 at 8: fits, but measured over
+    search.speeds[full, 8] = 80.0
+    search.peaks[full, 8] = 55
+    search.lines[selective] = (100.0, 10.0)  # fits no size
+    rows = search.table([off, every2, full, selective], sizes, budget, 8, (off, 4))
+    assert [(c.label, c.micro_batch_size, c.status) for c in rows] == [
+        ("off", 8, "allocator retries"),
+        ("off", 4, "chosen"),
+        ("off", 2, "timed"),
+        ("every 2nd", 8, "dominated by off"),
+        ("full", 8, "over budget (measured)"),
+        ("selective", 1, "over budget"),
+    ]
+    assert [c.accumulation_steps for c in rows] == [1, 2, 4, 1, 1, 8]
+    assert [c.predicted_peak for c in rows] == [80, 40, 20, None, 40, 110]
+    assert [c.measured_peak for c in rows] == [None, 45, 50, None, 55, None]
+    assert [c.samples_per_second for c in rows] == [50.0, 100.0, 90.0, None, 80.0, None]
+    assert [c.checkpointing for c in rows] == [False] * 3 + [
+        Checkpointing(every=2),
+        True,
+        "selective",
+    ]
+    # A probed policy that was not timed shows its largest fitting size.
+    search.lines[selective] = (0.0, 20.0)
+    (row,) = search.table([selective], sizes, budget, 8, (off, 4))
+    assert (row.micro_batch_size, row.status, row.predicted_peak) == (2, "over budget", 40)
+    search.untouched.restore()
+
+
+def test_the_plan_prints_its_table_and_one_line_summary():
+    candidates = (
+        Candidate("off", False, 8, 1, 3 * 2**20, None, 1234.56, "over budget (measured)"),
+        Candidate(
+            "every 2nd", Checkpointing(every=2), 4, 2, 1536 * 1024, 1_500_000, 99.0, "chosen"
+        ),
+        Candidate("full", True, 8, 1, None, None, None, "dominated by off"),
+    )
+    plan = Plan(
+        micro_batch_size=4,
+        accumulation_steps=2,
+        checkpointing=Checkpointing(every=2),
+        label="every 2nd",
+        effective_batch=8,
+        memory_budget=2 * 2**20,
+        predicted_peak=1536 * 1024,
+        measured_peak=1_500_000,
+        samples_per_second=99.0,
+        planning_seconds=1.25,
+        candidates=candidates,
+    )
+    assert plan.table() == (
+        "budget 2.00 MiB, effective batch 8, planned in 1.2 s\n"
+        "  checkpointing    micro    K predicted MiB measured MiB  samples/s  status\n"
+        "---------------------------------------------------------------------------\n"
+        "  off                  8    1          3.00                  1234.6  over budget (measured)\n"
+        "* every 2nd            4    2          1.50         1.43       99.0  chosen\n"
+        "  full                 8    1                                        dominated by off"
+    )
+    assert str(plan) == (
+        "micro-batches of 4 x 2 steps (effective batch 8), checkpointing every 2nd: "
+        "peak 1.43 MiB of 2.00 MiB, 99.0 samples/s"
+    )
+    assert plan.accumulator_kwargs() == {
+        "accumulation_steps": 2,
+        "micro_batch_size": 4,
+        "checkpointing": Checkpointing(every=2),
+    }
+
+
+def test_the_plans_accumulator_takes_the_other_options():
+    model, _, _ = tiny_setup()
+    plan = Plan(
+        micro_batch_size=4,
+        accumulation_steps=2,
+        checkpointing=True,
+        label="full",
+        effective_batch=8,
+        memory_budget=10**6,
+        predicted_peak=1,
+        measured_peak=1,
+        samples_per_second=1.0,
+        planning_seconds=0.0,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = plan.accumulator(model, optimizer, max_grad_norm=0.5, partial_window="discard")
+    assert (acc.max_grad_norm, acc.partial_window) == (0.5, "discard")
+    assert (acc.accumulation_steps, acc.micro_batch_size) == (2, 4)
+    assert acc.checkpointed_modules == tuple(f"blocks.{i}" for i in range(4))
+    with pytest.raises(
+        TypeError,
+        match=r"sets accumulation_steps, checkpointing from the plan; leave them out",
+    ):
+        plan.accumulator(model, optimizer, checkpointing=False, accumulation_steps=3)
+    with pytest.raises(TypeError, match=r"sets checkpointing from the plan; leave it out"):
+        plan.accumulator(model, optimizer, checkpointing=False)
+
+
+def test_the_plan_repeats_the_figures_of_its_chosen_candidate():
+    model, x, compute_loss = tiny_setup()
+    ticks = []
+
+    def clock() -> float:  # one second a call: every run takes exactly one tick
+        ticks.append(1)
+        return float(len(ticks))
+
+    before = time.perf_counter()
+    plan = autofit(model, x, compute_loss, memory_budget=10**9, policies=[False], clock=clock)
+    elapsed = time.perf_counter() - before
+    assert ticks  # the clock given times the runs
+    (chosen,) = [c for c in plan.candidates if c.status == "chosen"]
+    assert (plan.micro_batch_size, plan.label, plan.checkpointing) == (
+        chosen.micro_batch_size,
+        chosen.label,
+        chosen.checkpointing,
+    )
+    assert (
+        plan.accumulation_steps == chosen.accumulation_steps == math.ceil(8 / plan.micro_batch_size)
+    )
+    assert (plan.predicted_peak, plan.measured_peak) == (
+        chosen.predicted_peak,
+        chosen.measured_peak,
+    )
+    assert plan.samples_per_second == chosen.samples_per_second
+    assert (plan.effective_batch, plan.memory_budget) == (8, 10**9)
+    assert 0 < plan.planning_seconds <= elapsed
+
+
+def test_a_probe_that_runs_out_of_memory_is_over_any_budget():
+    model, x, _ = tiny_setup()
+
+    def compute_loss(micro):
+        if micro.shape[0] > 4:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return model(micro).pow(2).mean()
+
+    search = tiny_search(model, x, compute_loss)
+    (off,) = _policies(model, [False])
+    assert search.peak(off, 8) >= 2**62
+    assert search.peak(off, 4) < 10**6
+    search.untouched.restore()
+
+
+def test_checkpointing_auto_plans_within_max_micro_batch_size():
+    model, x, compute_loss = tiny_setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(
+        model,
+        optimizer,
+        micro_batch_size="auto",
+        max_micro_batch_size=3,
+        checkpointing="auto",
+        memory_budget=10**9,
+    )
+    with acc:
+        acc.step_batch(x, compute_loss)
+    assert acc.plan is not None and acc.plan.micro_batch_size <= 3
+    assert max(c.micro_batch_size for c in acc.plan.candidates) <= 3
+    assert acc.micro_batch_size == acc.plan.micro_batch_size
+
+
+def test_a_batchnorm_refusing_the_only_size_left_raises_its_own_error():
+    # Only one sample per micro-batch is possible, and BatchNorm1d refuses it in training.
+    torch.manual_seed(0)
+    model = NormNet()
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel"):
+        autofit(
+            model,
+            torch.randn(4, 4),
+            lambda micro: model(micro).pow(2).mean(),
+            memory_budget=10**9,
+            max_micro_batch_size=1,
+            policies=[False],
+        )

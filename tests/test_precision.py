@@ -136,6 +136,26 @@ def test_gradients_are_float32_in_the_window_and_the_parameters_dtype_at_the_ste
     assert all(p.grad is None and p.grad_dtype == torch.bfloat16 for p in model.parameters())
 
 
+@needs_grad_dtype
+def test_a_parameter_set_to_accumulate_in_float32_keeps_it_and_the_others_still_widen():
+    model = mlp(torch.bfloat16)
+    first, *others = model.parameters()
+    first.grad_dtype = torch.float32  # the user's own choice, before the Accumulator
+    x, y = data(2 * MICRO, torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    in_window = []
+    with Accumulator(model, optimizer, 2) as acc:
+        for xb, yb in zip(x.split(MICRO), y.split(MICRO), strict=True):
+            acc.backward(nn.functional.mse_loss(model(xb), yb))
+            in_window.append([p.grad.dtype for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+    assert in_window == [[torch.float32] * 4] * 2
+    assert acc.optimizer_steps == 1
+    assert first.grad_dtype == torch.float32  # left as the user set it
+    assert [p.grad_dtype for p in others] == [torch.bfloat16] * 3
+
+
 def test_accumulation_dtype_none_keeps_the_parameters_dtype():
     model = mlp(torch.bfloat16)
     x, y = data(2 * MICRO, torch.bfloat16)
@@ -402,6 +422,22 @@ def test_a_torch_without_grad_dtype_is_refused_naming_the_version_and_the_altern
     x, y = data(MICRO, torch.bfloat16)
     with acc, pytest.raises(ValueError, match=r"torch 2\.10 or newer"):
         acc.backward(nn.functional.mse_loss(model(x), y))
+
+
+def test_the_old_torch_refusal_counts_the_low_precision_parameters_and_names_their_dtype(
+    monkeypatch,
+):
+    monkeypatch.setattr(precision, "HAS_GRAD_DTYPE", False)
+    model = nn.Linear(4, 1, bias=False).to(torch.float16)  # one parameter
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError,
+        match=r"accumulation_dtype=torch.float32 needs Tensor.grad_dtype \(torch 2.10 or newer\), "
+        r"but torch .* lacks it and 1 parameter\(s\) are torch.float16. Upgrade torch, or pass "
+        r"accumulation_dtype=None to accumulate in the parameters' own dtype \(less precise as "
+        r"the window grows: docs/precision.md\)$",
+    ):
+        Accumulator(model, optimizer, 2)
 
 
 class RunsOutOfMemoryAbove(nn.Module):
