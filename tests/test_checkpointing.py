@@ -378,35 +378,38 @@ class InplaceReluBlock(nn.Module):
         return x + nn.functional.relu(self.fc(self.mlp(x)), inplace=True)
 
 
-class OutWriteBlock(nn.Module):
-    """A Linear whose result is scaled in place through ``out=`` under ``no_grad``.
-
-    The written tensor comes as a keyword argument, right after the positional ones.
-    """
+class ScaledInPlaceBlock(nn.Module):
+    """A Linear whose result is scaled in place under ``no_grad`` by ``scale_in_place``."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.fc = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        with torch.no_grad():
-            torch.mul(h, 0.5, out=h)
-        return x + torch.tanh(h)
-
-
-class ForeachWriteBlock(nn.Module):
-    """A Linear whose result a ``torch._foreach_mul_`` scales in place: a list of written tensors."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, width)
+    @staticmethod
+    def scale_in_place(h: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         with torch.no_grad():
-            torch._foreach_mul_([h], 0.5)
+            self.scale_in_place(h)
         return x + torch.tanh(h)
+
+
+class OutWriteBlock(ScaledInPlaceBlock):
+    """Through ``out=``: the written tensor comes as a keyword argument."""
+
+    @staticmethod
+    def scale_in_place(h: torch.Tensor) -> None:
+        torch.mul(h, 0.5, out=h)
+
+
+class ForeachWriteBlock(ScaledInPlaceBlock):
+    """Through ``torch._foreach_mul_``: a list of written tensors."""
+
+    @staticmethod
+    def scale_in_place(h: torch.Tensor) -> None:
+        torch._foreach_mul_([h], 0.5)
 
 
 class Blocks(nn.Module):
